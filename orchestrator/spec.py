@@ -1,0 +1,123 @@
+"""Named sweeps: what they search, on which workload, and their validation before any trial starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import itertools
+import pkgutil
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+
+from attention.config import ConfigError
+from workloads import WORKLOADS
+from workloads.common.cli import merge
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepSpec:
+    """A sweep: `space` is a Tune param_space fragment over the trial config (typically
+    {"attn": tune.grid_search([...])}); `base` and `smoke` override the workload's defaults."""
+
+    name: str
+    description: str
+    workload: str
+    space: Mapping[str, Any]
+    base: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    smoke_space: Mapping[str, Any] | None = None   # a smaller space for --smoke (default: `space`)
+    smoke: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    grace_fraction: float = 0.25                    # ASHA's first rung, as a fraction of train.steps
+
+
+def grid(method: str, **knobs: list[Any]) -> list[dict[str, Any]]:
+    """Every combination of the knobs' values for one method, as attn config dicts."""
+    names = sorted(knobs)
+    return [{"method": method, **dict(zip(names, values))}
+            for values in itertools.product(*(knobs[n] for n in names))]
+
+
+def sweep_names() -> list[str]:
+    import orchestrator.sweeps as pkg
+
+    return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_"))
+
+
+def load_sweep(name: str) -> SweepSpec:
+    names = sweep_names()
+    if name not in names:
+        raise ConfigError(f"sweep: unknown sweep {name!r}; allowed: {', '.join(names)}")
+    return importlib.import_module(f"orchestrator.sweeps.{name}").SWEEP
+
+
+def workload_module(name: str):
+    if name not in WORKLOADS:
+        raise ConfigError(f"workload: got {name!r}, allowed: {', '.join(WORKLOADS)}")
+    try:
+        return importlib.import_module(f"workloads.{name}")
+    except ModuleNotFoundError as e:
+        raise ConfigError(f"workload: {name!r} is not available in this installation ({e})") from e
+
+
+def param_space(spec: SweepSpec, smoke: bool, workload: str | None = None,
+                overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The full Tune param_space: workload defaults < sweep base < --smoke < space < overrides."""
+    name = workload or spec.workload
+    module = workload_module(name)
+    config = merge(module.DEFAULTS, spec.base)
+    if smoke:
+        config = merge(merge(config, module.SMOKE), spec.smoke)
+    space = spec.smoke_space if smoke and spec.smoke_space is not None else spec.space
+    config = merge(merge(config, space), overrides or {})
+    config["workload"] = name
+    return config
+
+
+def _alternatives(value: Any) -> list[Any] | None:
+    """The values a Tune search entry can take (all grid values and categories; a few samples of a
+    continuous domain), or None for a fixed value."""
+    if isinstance(value, Mapping) and set(value) == {"grid_search"}:
+        return list(value["grid_search"])
+    from ray.tune.search.sample import Categorical, Domain
+
+    if isinstance(value, Categorical):
+        return list(value.categories)
+    if isinstance(value, Domain):
+        return [value.sample() for _ in range(4)]
+    return None
+
+
+def expand(space: Any) -> Iterator[Any]:
+    """Every concrete config the space can produce (for validation; grid x categories)."""
+    alts = _alternatives(space)
+    if alts is not None:
+        for alt in alts:
+            yield from expand(alt)
+    elif isinstance(space, Mapping):
+        keys = list(space)
+        for values in itertools.product(*(list(expand(space[k])) for k in keys)):
+            yield dict(zip(keys, values))
+    else:
+        yield space
+
+
+def validate(space: Mapping[str, Any]) -> int:
+    """Build every config the sweep can produce, model included (on the meta device: no memory, no
+    data), so a bad knob fails before Ray starts. Returns the number of grid points."""
+    module = workload_module(space["workload"])
+    count = 0
+    seen: set[str] = set()
+    for config in expand(space):
+        count += 1
+        key = repr(sorted(config.items(), key=lambda kv: kv[0]))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            task, _ = module.build_task(config, validate_only=True)
+            with torch.device("meta"):
+                task.build_model()
+        except ConfigError as e:
+            raise ConfigError(f"{e} (in trial config attn={config.get('attn')})") from e
+    return count

@@ -1,0 +1,218 @@
+"""`python -m orchestrator.sweep NAME`: run a named ablation sweep.
+
+Embedded by default (a local Ray started here, MLflow in ./runs/mlflow.db, Ray storage in ./runs/ray);
+against a cluster with --address or inside `ray job submit` (RAY_ADDRESS is set there)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from attention.config import ConfigError
+from orchestrator import tracking
+from orchestrator.spec import expand, load_sweep, param_space, sweep_names, validate, workload_module
+
+SEARCHES = ("grid", "random", "optuna")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m orchestrator.sweep", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", help=f"the sweep: {', '.join(sweep_names())}")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes: CPU, a minute or two")
+    p.add_argument("--workload", help="run the sweep on another workload than its default")
+    p.add_argument("--search", default="grid", help=f"{', '.join(SEARCHES)} (default grid)")
+    p.add_argument("--num-samples", type=int, default=1, help="repeats of the grid / samples drawn")
+    p.add_argument("--max-concurrent", type=int, default=None, help="cap on trials at once")
+    p.add_argument("--gpus-per-trial", type=float, default=None,
+                   help="GPUs a trial gets, fractions allowed (default: 1 if the cluster has GPUs, else 0)")
+    p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers (DDP) a trial")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--address", default=None, help="a Ray cluster to join (default: start a local Ray)")
+    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+                   help="MLflow tracking URI (default: sqlite file under ./runs)")
+    p.add_argument("--storage", default=os.environ.get("ATTNLAB_STORAGE"),
+                   help="Ray storage for checkpoints and Tune state (default: ./runs/ray)")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="SWEEP_ID",
+                   help="continue an interrupted sweep (default: the latest of this name)")
+    p.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value for every trial, e.g. train.steps=100")
+    p.add_argument("--max-failures", type=int, default=2, help="worker retries per trial")
+    return p.parse_args(argv)
+
+
+def _overrides(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"--set: expected SECTION.KEY=VALUE, got {item!r}")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = parsed
+    return out
+
+
+def prepare(args: argparse.Namespace) -> tuple[Any, dict[str, Any], int]:
+    """Everything that can fail on bad input, before Ray starts: sweep, workload, every knob."""
+    if args.search not in SEARCHES:
+        raise ConfigError(f"--search: got {args.search!r}, allowed: {', '.join(SEARCHES)}")
+    if args.num_samples < 1:
+        raise ConfigError(f"--num-samples: must be >= 1, got {args.num_samples}")
+    spec = load_sweep(args.name)
+    space = param_space(spec, args.smoke, args.workload, _overrides(args.set))
+    n = validate(space)
+    return spec, space, n
+
+
+def _start_ray(address: str | None) -> None:
+    import ray
+
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address or "auto", log_to_driver=True)
+        return
+    # Local: no token auth (nothing else reaches this Ray), and the dashboard on: without it, a
+    # second trial's workers were seen never to start (ENVIRONMENT.md).
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
+             configure_logging=True, logging_level="WARNING")
+
+
+def run(args: argparse.Namespace) -> int:
+    spec, space, n_points = prepare(args)
+    module = workload_module(space["workload"])
+    metric, mode = module.QUALITY_METRIC, module.QUALITY_MODE
+    steps = max(int(c.get("train", {}).get("steps", 1)) for c in expand(space))
+
+    import ray
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from orchestrator.driver import SweepContext, run_trial
+    from orchestrator.report import report
+    from orchestrator.resources import DRIVER_RESOURCES, plan
+
+    root = Path("runs").resolve()
+    storage = args.storage or str(root / "ray")
+    if "://" not in storage:
+        Path(storage).mkdir(parents=True, exist_ok=True)
+        storage = str(Path(storage).resolve())
+    tracking_uri = args.tracking_uri or tracking.default_tracking_uri(root)
+    if tracking_uri.startswith("sqlite:"):
+        root.mkdir(parents=True, exist_ok=True)
+
+    t_start = time.time()
+    _start_ray(args.address)
+    cluster = ray.cluster_resources()
+    gpus = args.gpus_per_trial if args.gpus_per_trial is not None else (1.0 if cluster.get("GPU") else 0.0)
+    res = plan(cluster, args.workers_per_trial, gpus, args.cpus_per_worker, args.max_concurrent)
+
+    client = MlflowClient(tracking_uri)
+    artifact_root = (root / "mlflow-artifacts").as_uri() if tracking_uri.startswith("sqlite:") else None
+    exp_id = tracking.ensure_experiment(client, spec.name, artifact_root)
+    pointer = Path(storage) / f"{spec.name}.latest" if "://" not in storage else None
+    if args.resume:
+        sweep_id = args.resume
+        if sweep_id == "latest":
+            if pointer is None or not pointer.exists():
+                raise ConfigError(f"--resume: no earlier run of sweep {spec.name!r} under {storage}")
+            sweep_id = pointer.read_text().strip()
+        parent_id = tracking.find_parent_run(client, exp_id, sweep_id)
+        if parent_id is None:
+            raise ConfigError(f"--resume: sweep id {sweep_id!r} has no parent run in {tracking_uri}")
+        client.update_run(parent_id, status="RUNNING")
+    else:
+        sweep_id = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        parent_id = tracking.create_parent_run(client, exp_id, spec.name, sweep_id, {
+            "git_sha": tracking.git_sha(), "ray_version": ray.__version__,
+            "cluster": json.dumps({k: v for k, v in cluster.items() if k in ("CPU", "GPU", "memory")}),
+            "quality_metric": metric, "quality_mode": mode, "workload": space["workload"],
+            "smoke": str(args.smoke).lower()})
+        tracking.log_params(client, parent_id, {"search": args.search, "num_samples": args.num_samples,
+                                                "grid_points": n_points, "max_concurrent": res.max_concurrent,
+                                                "workers_per_trial": res.workers,
+                                                "gpus_per_worker": res.gpus_per_worker})
+        if pointer is not None:
+            pointer.write_text(sweep_id)
+    print(f"sweep {sweep_id}: {n_points} configs x {args.num_samples}, up to {res.max_concurrent} at once, "
+          f"{res.workers} worker(s) x ({res.cpus_per_worker:g} CPU, {res.gpus_per_worker:g} GPU)", flush=True)
+
+    ctx = SweepContext(spec.name, sweep_id, tracking_uri, parent_id, storage, res.workers,
+                       res.cpus_per_worker, res.gpus_per_worker, metric, mode, args.max_failures)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), DRIVER_RESOURCES)
+    experiment = f"{storage}/{sweep_id}"
+    if args.resume and tune.Tuner.can_restore(experiment):
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True)
+    else:
+        scheduler = ASHAScheduler(time_attr="step", max_t=steps, reduction_factor=2, stop_last_trials=False,
+                                  grace_period=max(1, int(steps * spec.grace_fraction)))
+        tuner = tune.Tuner(
+            trainable, param_space=space,
+            tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=scheduler,
+                                        num_samples=args.num_samples,
+                                        max_concurrent_trials=res.max_concurrent,
+                                        search_alg=_search_alg(args.search, metric, mode)),
+            run_config=tune.RunConfig(name=sweep_id, storage_path=storage, verbose=1,
+                                      failure_config=tune.FailureConfig(max_failures=1)))
+    results = tuner.fit()
+    _finish_children(client, parent_id, results)
+    rows = report(client, parent_id)
+    errors = sum(1 for r in results if r.error)
+    client.set_terminated(parent_id, status="FAILED" if errors == len(rows) and rows else "FINISHED")
+    print(f"\n{len(rows)} trials, {errors} failed, {time.time() - t_start:.0f} s. Open the results with:\n"
+          f"  mlflow ui --backend-store-uri {tracking_uri}"
+          + (f" --default-artifact-root {artifact_root}" if artifact_root else ""), flush=True)
+    return 1 if errors else 0
+
+
+def _search_alg(search: str, metric: str, mode: str):
+    if search != "optuna":
+        return None  # Tune's default: grid_search expanded, other domains sampled at random
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch(metric=metric, mode=mode)
+
+
+def _finish_children(client, parent_id: str, results) -> None:
+    """Trials ASHA stopped never return from fit() (their driver is stopped): close their runs here,
+    with their last checkpoint as the artifact."""
+    from orchestrator.driver import log_checkpoint
+
+    by_trial = {r.metrics.get("trial_id"): r for r in results if r.metrics}
+    for run in tracking.child_runs(client, parent_id):
+        if run.info.status != "RUNNING":
+            continue
+        result = by_trial.get(run.data.tags.get("trial_id"))
+        if result is not None and result.error is None:
+            tracking.set_tags(client, run.info.run_id, {"stopped_early": "true"})
+            if result.metrics.get("checkpoint_path"):
+                log_checkpoint(client, run.info.run_id, result.metrics["checkpoint_path"])
+            client.set_terminated(run.info.run_id, status="FINISHED")
+        else:
+            client.set_terminated(run.info.run_id, status="FAILED")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module a sweep; the module name is the sweep's name and it defines SWEEP (a SweepSpec)."""

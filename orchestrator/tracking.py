@@ -1,0 +1,115 @@
+"""MLflow per the metrics contract: a parent run per sweep, a child run per trial.
+
+Everything goes through `MlflowClient` with explicit run ids and steps (no global active run), so the
+driver, the Ray Train workers and the report can each reach the right run from any process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from workloads.common.config import flatten
+
+MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
+
+
+def default_tracking_uri(root: Path) -> str:
+    return f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
+def git_sha() -> str:
+    """The commit under test: ATTNLAB_GIT_SHA when the submitter injected it (a Ray job's working dir is
+    not a git checkout), else `git rev-parse HEAD`, else 'unknown'."""
+    if os.environ.get("ATTNLAB_GIT_SHA"):
+        return os.environ["ATTNLAB_GIT_SHA"]
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def ensure_experiment(client: MlflowClient, name: str, artifact_root: str | None) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_root)
+    except Exception:  # created concurrently by another process
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def create_parent_run(client: MlflowClient, experiment_id: str, sweep: str, sweep_id: str,
+                      tags: Mapping[str, str]) -> str:
+    run = client.create_run(experiment_id, run_name=sweep_id,
+                            tags={"sweep": sweep, "sweep_id": sweep_id, **tags})
+    return run.info.run_id
+
+
+def find_parent_run(client: MlflowClient, experiment_id: str, sweep_id: str) -> str | None:
+    runs = client.search_runs([experiment_id], filter_string=f"tags.sweep_id = '{sweep_id}'",
+                              max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def child_runs(client: MlflowClient, parent_run_id: str) -> list:
+    exp_id = client.get_run(parent_run_id).info.experiment_id
+    return client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                              max_results=10000)
+
+
+def get_or_create_child_run(client: MlflowClient, parent_run_id: str, trial_id: str, trial_name: str,
+                            config: Mapping[str, Any], seed: int) -> str:
+    """The trial's child run; a retried or resumed trial finds its own run again instead of a new one."""
+    parent = client.get_run(parent_run_id)
+    exp_id = parent.info.experiment_id
+    query = f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.trial_id = '{trial_id}'"
+    found = client.search_runs([exp_id], filter_string=query, max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    attn = config.get("attn", {})
+    tags = {"mlflow.parentRunId": parent_run_id, "trial_id": trial_id, "method": attn.get("method", ""),
+            "workload": config.get("workload", ""), "sweep": parent.data.tags.get("sweep", "")}
+    run = client.create_run(exp_id, run_name=trial_name, tags=tags)
+    params = {k: v for k, v in flatten(config).items() if k != "seed"}
+    params["seed"] = seed
+    log_params(client, run.info.run_id, params)
+    return run.info.run_id
+
+
+def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
+    existing = client.get_run(run_id).data.params
+    new = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in params.items() if k not in existing]
+    for i in range(0, len(new), 100):  # log_batch takes at most 100 params a call
+        client.log_batch(run_id, params=new[i:i + 100])
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+    ts = int(time.time() * 1000)
+    batch = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+    for i in range(0, len(batch), 1000):
+        client.log_batch(run_id, metrics=batch[i:i + 1000])
+
+
+def last_logged_step(client: MlflowClient, run_id: str, key: str = "train/loss") -> int:
+    """The highest step logged for `key`: a retried worker skips steps it already logged."""
+    history = client.get_metric_history(run_id, key)
+    return max((m.step for m in history), default=-1)
+
+
+def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> None:
+    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])

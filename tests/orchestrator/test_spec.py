@@ -1,0 +1,31 @@
+from ray import tune
+
+from orchestrator.spec import expand, grid, load_sweep, param_space, sweep_names, validate
+from workloads.common.cli import merge
+
+
+def test_grid_is_the_cartesian_product():
+    g = grid("topk", k=[4, 8], heads=[1, 2])
+    assert len(g) == 4 and {"method": "topk", "k": 8, "heads": 1} in g
+
+
+def test_merge_puts_overrides_into_every_grid_alternative():
+    space = merge({"attn": {"method": "softmax"}}, {"attn": tune.grid_search([{"method": "a"}, {"method": "b"}])})
+    assert space["attn"] == {"grid_search": [{"method": "a"}, {"method": "b"}]}
+    space = merge(space, {"attn": {"heads": 2}})
+    assert space["attn"]["grid_search"] == [{"method": "a", "heads": 2}, {"method": "b", "heads": 2}]
+
+
+def test_expand_covers_grid_and_categories():
+    space = {"a": tune.grid_search([1, 2]), "b": {"c": tune.choice(["x", "y"])}, "d": 5}
+    configs = list(expand(space))
+    assert len(configs) == 4 and {"a": 2, "b": {"c": "y"}, "d": 5} in configs
+
+
+def test_every_named_sweep_validates_full_and_smoke():
+    names = sweep_names()
+    assert "colt5" in names
+    for name in names:
+        spec = load_sweep(name)
+        for smoke in (False, True):
+            assert validate(param_space(spec, smoke)) >= 1, name

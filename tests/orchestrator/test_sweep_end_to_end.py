@@ -1,0 +1,65 @@
+"""The README's main job at smoke size, embedded (a local Ray started by the sweep, MLflow in sqlite),
+read back with the MLflow client: a parent run per sweep and a child run per trial carrying the metrics
+contract's tags, params and per-step metrics."""
+
+import json
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.orchestrator.conftest import run_sweep
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def smoke_sweep(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("colt5-smoke")
+    proc = run_sweep(["colt5", "--smoke"], workdir, timeout=300)
+    return workdir, proc
+
+
+def test_prints_the_comparison_table_and_the_mlflow_ui_command(smoke_sweep):
+    workdir, proc = smoke_sweep
+    out = proc.stdout
+    assert "sweep colt5" in out and "val/bpc" in out
+    assert "softmax" in out and "colt5" in out
+    assert f"mlflow ui --backend-store-uri sqlite:///{workdir}/runs/mlflow.db" in out
+
+
+def test_mlflow_holds_a_parent_run_with_children(smoke_sweep):
+    workdir, _ = smoke_sweep
+    client = MlflowClient(f"sqlite:///{workdir}/runs/mlflow.db")
+    exp = client.get_experiment_by_name("colt5")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    parent = parents[0]
+    for tag in ("sweep", "git_sha", "ray_version", "cluster"):
+        assert parent.data.tags.get(tag), tag
+    assert parent.data.tags["sweep"] == "colt5" and parent.info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(c.data.tags["method"] for c in children) == ["colt5", "softmax"]
+    parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "comparison")}
+    assert {"comparison/comparison.csv", "comparison/comparison.md"} <= parent_artifacts
+
+    for child in children:
+        tags, params = child.data.tags, child.data.params
+        assert tags["workload"] == "lm" and tags["trial_id"]
+        assert params["attn.method"] == tags["method"]
+        assert params["seed"] == "0" and float(params["train.lr"]) > 0 and params["data.sha256"]
+        if tags["method"] == "colt5":
+            assert params["attn.num_routed_q"] == "4" and params["attn.router_iters"] == "10"
+        # per-step metrics with explicit steps, no step logged twice
+        loss = client.get_metric_history(child.info.run_id, "train/loss")
+        steps = [m.step for m in loss]
+        assert len(steps) >= 2 and len(set(steps)) == len(steps) and min(steps) >= 1
+        for key in ("val/loss", "val/bpc", "perf/tokens_per_s", "perf/step_ms", "perf/peak_mem_mib",
+                    "params/trainable", "params/total"):
+            assert client.get_metric_history(child.info.run_id, key), key
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert "config.json" in artifacts and "best_checkpoint" in artifacts
+        config = json.loads(open(client.download_artifacts(child.info.run_id, "config.json",
+                                                           str(workdir))).read())
+        assert config["attn"]["method"] == tags["method"]
+        assert child.info.status == "FINISHED"
