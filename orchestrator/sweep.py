@@ -197,7 +197,9 @@ def _finish_children(client, parent_id: str, results) -> None:
             continue
         result = by_trial.get(run.data.tags.get("trial_id"))
         if result is not None and result.error is None:
-            tracking.set_tags(client, run.info.run_id, {"stopped_early": "true"})
+            # The step Tune stopped it at: its workers may log a few more steps while Ray tears them down.
+            tracking.set_tags(client, run.info.run_id, {"stopped_early": "true",
+                                                        "stopped_at_step": str(result.metrics.get("step", ""))})
             if result.metrics.get("checkpoint_path"):
                 log_checkpoint(client, run.info.run_id, result.metrics["checkpoint_path"])
             client.set_terminated(run.info.run_id, status="FINISHED")

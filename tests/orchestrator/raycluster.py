@@ -1,0 +1,44 @@
+"""A local Ray head for the tests that need one (started once per test module that asks)."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RayHead:
+    def __init__(self, num_cpus: int = 2):
+        self.port, self.dashboard_port = free_port(), free_port()
+        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+        ray = str(Path(sys.executable).with_name("ray"))
+        subprocess.run([ray, "start", "--head", f"--port={self.port}", f"--num-cpus={num_cpus}", "--num-gpus=0",
+                        "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                        f"--dashboard-port={self.dashboard_port}", "--disable-usage-stats"],
+                       check=True, env=self.env, capture_output=True, timeout=180)
+        self.ray = ray
+        self.address = f"127.0.0.1:{self.port}"
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+        self._wait_for_dashboard()
+
+    def _wait_for_dashboard(self, timeout: float = 120) -> None:
+        import urllib.request
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"{self.dashboard}/api/version", timeout=5)
+                return
+            except OSError:
+                time.sleep(1)
+        raise TimeoutError(f"Ray dashboard at {self.dashboard} did not come up")
+
+    def stop(self) -> None:
+        subprocess.run([self.ray, "stop", "--force"], env=self.env, capture_output=True, timeout=120)
