@@ -60,11 +60,23 @@ class MlflowRayReporter(RayTrainReporter):
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
-    """Runs in every Ray Train worker."""
+    """Runs in every Ray Train worker. Rank 0 also samples system metrics (CPU, memory, GPU) into the
+    trial's run while it trains."""
     config = loop_config["config"]
     reporter = MlflowRayReporter(loop_config["tracking_uri"], loop_config["run_id"])
     workload = importlib.import_module(f"workloads.{config['workload']}")
-    workload.train_fn_per_worker(config, reporter=reporter)
+    monitor = None
+    if reporter.rank == 0:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(loop_config["run_id"], sampling_interval=2, resume_logging=True,
+                                       tracking_uri=loop_config["tracking_uri"])
+        monitor.start()
+    try:
+        workload.train_fn_per_worker(config, reporter=reporter)
+    finally:
+        if monitor is not None:
+            monitor.finish()
 
 
 def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
@@ -80,8 +92,7 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
     trial_id = tune_ctx.get_trial_id()
     client = MlflowClient(ctx.tracking_uri)
     seed = int(config.get("seed", 0))
-    run_id = tracking.get_or_create_child_run(client, ctx.parent_run_id, trial_id, tune_ctx.get_trial_name(),
-                                              config, seed)
+    run_id = tracking.get_or_create_child_run(client, ctx.parent_run_id, trial_id, config, seed)
     client.log_dict(run_id, config, "config.json")
     trainer = TorchTrainer(
         train_worker,

@@ -19,9 +19,15 @@ from orchestrator import tracking
 COLUMNS = ("trial", "method", "knobs", "quality", "best", "tokens/s", "peak MiB", "trainable", "status")
 
 
-def _knobs(params: dict[str, str]) -> str:
-    return " ".join(f"{k[5:]}={v}" for k, v in sorted(params.items())
-                    if k.startswith("attn.") and k != "attn.method")
+def _varying(all_params: list[dict[str, str]]) -> list[str]:
+    """The config values that differ between trials: what the ablation varies (the method aside)."""
+    keys = sorted({k for p in all_params for k in p} - {"attn.method", "data.sha256", "data.corpus"})
+    return [k for k in keys if len({p.get(k) for p in all_params}) > 1]
+
+
+def _knobs(params: dict[str, str], varying: list[str]) -> str:
+    shown = [k for k in varying if k in params]
+    return " ".join(f"{k.removeprefix('attn.')}={params[k]}" for k in shown)
 
 
 def trial_rows(client: MlflowClient, parent_run_id: str) -> list[dict[str, Any]]:
@@ -29,7 +35,9 @@ def trial_rows(client: MlflowClient, parent_run_id: str) -> list[dict[str, Any]]
     metric = parent.data.tags.get("quality_metric", "val/loss")
     mode = parent.data.tags.get("quality_mode", "min")
     rows = []
-    for run in tracking.child_runs(client, parent_run_id):
+    runs = tracking.child_runs(client, parent_run_id)
+    varying = _varying([r.data.params for r in runs])
+    for run in runs:
         history = client.get_metric_history(run.info.run_id, metric)
         values = [m.value for m in history if not math.isnan(m.value)]
         best = (min(values) if mode == "min" else max(values)) if values else float("nan")
@@ -37,7 +45,7 @@ def trial_rows(client: MlflowClient, parent_run_id: str) -> list[dict[str, Any]]
         rows.append({
             "trial": run.data.tags.get("trial_id", run.info.run_name),
             "method": run.data.tags.get("method", ""),
-            "knobs": _knobs(run.data.params),
+            "knobs": _knobs(run.data.params, varying),
             "quality": metric,
             "best": best,
             "tokens/s": m.get("perf/tokens_per_s", float("nan")),
@@ -62,7 +70,7 @@ def print_table(rows: list[dict[str, Any]], title: str) -> None:
     for r in rows:
         table.add_row(r["trial"], r["method"], r["knobs"] or "-", r["quality"], f"{r['best']:.4f}",
                       f"{r['tokens/s']:.0f}", f"{r['peak MiB']:.0f}", f"{r['trainable']:,}", r["status"])
-    Console(width=max(120, 0)).print(table)
+    Console(width=180 if not sys.stdout.isatty() else None).print(table)
 
 
 def write_files(rows: list[dict[str, Any]], out_dir: Path, client: MlflowClient) -> list[Path]:

@@ -124,3 +124,14 @@ def validate(space: Mapping[str, Any]) -> int:
         except ConfigError as e:
             raise ConfigError(f"{e} (in trial config attn={config.get('attn')})") from e
     return count
+
+
+def grid_to_choice(space: Any) -> Any:
+    """Searchers that sample (Optuna) cannot take grid_search: the same values as a categorical choice."""
+    from ray import tune
+
+    if isinstance(space, Mapping) and set(space) == {"grid_search"}:
+        return tune.choice([grid_to_choice(v) for v in space["grid_search"]])
+    if isinstance(space, Mapping):
+        return {k: grid_to_choice(v) for k, v in space.items()}
+    return space

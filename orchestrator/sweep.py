@@ -15,14 +15,22 @@ from typing import Any
 
 from attention.config import ConfigError
 from orchestrator import tracking
-from orchestrator.spec import expand, load_sweep, param_space, sweep_names, validate, workload_module
+from orchestrator.spec import (
+    expand,
+    grid_to_choice,
+    load_sweep,
+    param_space,
+    sweep_names,
+    validate,
+    workload_module,
+)
 
 SEARCHES = ("grid", "random", "optuna")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m orchestrator.sweep", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("name", help=f"the sweep: {', '.join(sweep_names())}")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: CPU, a minute or two")
     p.add_argument("--workload", help="run the sweep on another workload than its default")
@@ -160,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
         scheduler = ASHAScheduler(time_attr="step", max_t=steps, reduction_factor=2, stop_last_trials=False,
                                   grace_period=max(1, int(steps * spec.grace_fraction)))
         tuner = tune.Tuner(
-            trainable, param_space=space,
+            trainable, param_space=grid_to_choice(space) if args.search == "optuna" else space,
             tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=scheduler,
                                         num_samples=args.num_samples,
                                         max_concurrent_trials=res.max_concurrent,

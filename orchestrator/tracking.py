@@ -70,7 +70,7 @@ def child_runs(client: MlflowClient, parent_run_id: str) -> list:
                               max_results=10000)
 
 
-def get_or_create_child_run(client: MlflowClient, parent_run_id: str, trial_id: str, trial_name: str,
+def get_or_create_child_run(client: MlflowClient, parent_run_id: str, trial_id: str,
                             config: Mapping[str, Any], seed: int) -> str:
     """The trial's child run; a retried or resumed trial finds its own run again instead of a new one."""
     parent = client.get_run(parent_run_id)
@@ -84,7 +84,7 @@ def get_or_create_child_run(client: MlflowClient, parent_run_id: str, trial_id: 
     attn = config.get("attn", {})
     tags = {"mlflow.parentRunId": parent_run_id, "trial_id": trial_id, "method": attn.get("method", ""),
             "workload": config.get("workload", ""), "sweep": parent.data.tags.get("sweep", "")}
-    run = client.create_run(exp_id, run_name=trial_name, tags=tags)
+    run = client.create_run(exp_id, run_name=f"{tags['method']}-{trial_id}", tags=tags)
     params = {k: v for k, v in flatten(config).items() if k != "seed"}
     params["seed"] = seed
     log_params(client, run.info.run_id, params)

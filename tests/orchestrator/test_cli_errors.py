@@ -12,7 +12,7 @@ from tests.orchestrator.conftest import run_sweep
                                                          "softmax"]),
     (["colt5", "--smoke", "--set", "train.lr=5"], ["train.lr", "5", "allowed"]),
     (["colt5", "--smoke", "--set", "attn.heads=-1"], ["heads", "-1", ">= 1"]),
-    (["colt5", "--smoke", "--set", "attn.num_routed_q=100000"], ["num_routed_q", "100000"]),
+    (["colt5", "--smoke", "--set", "attn.method=colt5", "attn.num_routed_kv=100000"], ["num_routed_kv", "100000", "<= 32"]),
     (["colt5", "--smoke", "--set", "attn.nosuchknob=3"], ["unknown field", "nosuchknob", "allowed"]),
     (["colt5", "--smoke", "--workload", "nosuchworkload"], ["workload", "nosuchworkload", "allowed", "lm"]),
     (["colt5", "--smoke", "--search", "bayes"], ["--search", "bayes", "grid"]),

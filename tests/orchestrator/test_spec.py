@@ -29,3 +29,16 @@ def test_every_named_sweep_validates_full_and_smoke():
         spec = load_sweep(name)
         for smoke in (False, True):
             assert validate(param_space(spec, smoke)) >= 1, name
+
+
+def test_optuna_gets_choices_instead_of_grids():
+    from ray.tune.search.optuna import OptunaSearch
+    from ray.tune.search.sample import Categorical
+
+    from orchestrator.spec import grid_to_choice
+
+    space = grid_to_choice(param_space(load_sweep("topk"), smoke=False))
+    assert isinstance(space["attn"], Categorical) and len(space["attn"].categories) == 6
+    searcher = OptunaSearch(space={"attn": space["attn"]}, metric="val/bpc", mode="min")
+    suggestion = searcher.suggest("t1")
+    assert suggestion["attn"]["method"] in ("softmax", "topk")

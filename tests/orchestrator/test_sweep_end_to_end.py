@@ -49,7 +49,7 @@ def test_mlflow_holds_a_parent_run_with_children(smoke_sweep):
         assert params["attn.method"] == tags["method"]
         assert params["seed"] == "0" and float(params["train.lr"]) > 0 and params["data.sha256"]
         if tags["method"] == "colt5":
-            assert params["attn.num_routed_q"] == "4" and params["attn.router_iters"] == "10"
+            assert params["attn.window_routed_q"] == "4" and params["attn.router_iters"] == "10"
         # per-step metrics with explicit steps, no step logged twice
         loss = client.get_metric_history(child.info.run_id, "train/loss")
         steps = [m.step for m in loss]
@@ -63,3 +63,72 @@ def test_mlflow_holds_a_parent_run_with_children(smoke_sweep):
                                                            str(workdir))).read())
         assert config["attn"]["method"] == tags["method"]
         assert child.info.status == "FINISHED"
+
+
+@pytest.fixture(scope="module")
+def mlflow_ui(smoke_sweep):
+    """`mlflow server` on the sweep's sqlite store, as the sweep's closing line tells a user to open it."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    workdir, _ = smoke_sweep
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mlflow = str(Path(sys.executable).with_name("mlflow"))
+    server = subprocess.Popen(
+        [mlflow, "server", "--backend-store-uri", f"sqlite:///{workdir}/runs/mlflow.db",
+         "--default-artifact-root", f"file://{workdir}/runs/mlflow-artifacts", "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1"],
+        env={**__import__("os").environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            break
+        except OSError:
+            time.sleep(1)
+    else:
+        server.kill()
+        pytest.fail("mlflow server did not come up")
+    yield url
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def test_mlflow_ui_shows_the_sweep_and_compares_its_trials(smoke_sweep, mlflow_ui):
+    from tests.orchestrator.browser import dump_dom, screenshot
+
+    workdir, _ = smoke_sweep
+    client = MlflowClient(f"sqlite:///{workdir}/runs/mlflow.db")
+    exp = client.get_experiment_by_name("colt5")
+    runs = client.search_runs([exp.experiment_id])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+
+    runs_page = f"{mlflow_ui}/#/experiments/{exp.experiment_id}/runs"
+    dom = dump_dom(runs_page)
+    assert parent.info.run_name in dom, "the runs table shows the sweep's parent run"
+
+    ids = ",".join(f"%22{c.info.run_id}%22" for c in children)
+    compare = f"{mlflow_ui}/#/compare-runs?runs=%5B{ids}%5D&experiments=%5B%22{exp.experiment_id}%22%5D"
+    dom = dump_dom(compare)
+    assert "Comparing 2 Runs" in dom
+    for child in children:
+        assert child.info.run_name in dom
+    assert "train/loss" in dom and "attn.method" in dom  # the parallel-coordinates selectors
+
+    shot = workdir / "mlflow-compare.png"
+    screenshot(compare, str(shot))
+    from PIL import Image
+
+    image = Image.open(shot).convert("L")
+    assert image.size == (1400, 900)
+    low, high = image.getextrema()
+    assert high - low > 100, "the screenshot is blank"
