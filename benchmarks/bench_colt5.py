@@ -1,0 +1,164 @@
+"""CoLT5 routed attention against a dense SDPA block, and routed autoregressive peak memory.
+
+    python benchmarks/bench_colt5.py                 # GPU: the issue's sizes (dim 512, 8 + 8 heads, 1024 routed)
+    python benchmarks/bench_colt5.py --smoke         # CPU, tiny sizes, seconds
+
+Each row is a pre-norm attention block x + mixer(norm(x)) at batch 1, forward + backward, timed with
+CUDA events (median of --iters after --warmup) and its peak memory above the inputs and weights
+(torch.cuda.max_memory_allocated). Writes a markdown table to stdout and JSON to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import attention  # noqa: E402
+
+
+class PreNormBlock(nn.Module):
+    def __init__(self, mixer: nn.Module, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.mixer = mixer
+
+    def forward(self, x):
+        return x + self.mixer(self.norm(x))
+
+
+def build(kind: str, dim: int, args) -> nn.Module:
+    common = {"heads": args.heads, "dim_head": dim // args.heads}
+    if kind == "dense":
+        cfg = attention.make_config("softmax", **common)
+    else:
+        cfg = attention.make_config(
+            "colt5", **common, causal=kind == "routed_ar", num_routed_q=args.routed_q,
+            window_routed_q=args.ar_q_per_window, num_routed_kv=args.routed_kv, light_window=args.light_window,
+            heavy_window=args.ar_window, backend=args.backend, router_iters=args.router_iters)
+    return PreNormBlock(attention.build(cfg, dim), dim)
+
+
+class Autocast(nn.Module):
+    """The block under bf16 autocast (cache off, as CUDA graph capture requires)."""
+
+    def __init__(self, block: nn.Module, enabled: bool):
+        super().__init__()
+        self.block, self.enabled = block, enabled
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.enabled, cache_enabled=False):
+            return self.block(x).float()
+
+
+def measure(block: nn.Module, t: int, dim: int, dtype: str, device: torch.device, warmup: int, iters: int,
+            graph: bool = False):
+    """graph: capture forward + backward once as CUDA graphs (torch.cuda.make_graphed_callables) and
+    replay them, which removes the per-kernel launch cost of the Python side."""
+    x = torch.randn(1, t, dim, device=device, requires_grad=True)
+    fn = Autocast(block, dtype == "bf16")
+    if graph:
+        fn = torch.cuda.make_graphed_callables(fn, (x,), num_warmup_iters=warmup)
+
+    def step():
+        fn(x).sum().backward()
+        block.zero_grad(set_to_none=not graph)  # graphs keep their gradient buffers
+        x.grad = None
+
+    for _ in range(warmup):
+        step()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    times = []
+    for _ in range(iters):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else float("nan")
+    return statistics.median(times), peak
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU")
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--routed-q", type=int, default=1024)
+    p.add_argument("--routed-kv", type=int, default=1024)
+    p.add_argument("--light-window", type=int, default=64, help="local window (sees the window on each side)")
+    p.add_argument("--ar-window", type=int, default=128)
+    p.add_argument("--ar-q-per-window", type=int, default=32)
+    p.add_argument("--router-iters", type=int, default=50)
+    p.add_argument("--backend", default="auto", help="coordinate-descent backend of the routers")
+    p.add_argument("--seq-lens", type=int, nargs="*", default=[8192, 32768])
+    p.add_argument("--ar-seq-lens", type=int, nargs="*", default=[4096, 8192, 16384, 32768])
+    p.add_argument("--rows", nargs="*", default=["dense:bf16", "routed:bf16", "routed:fp32", "routed_ar:bf16"])
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--graph", action="store_true", help="also time each non-causal row under CUDA graphs")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.dim, args.heads, args.routed_q, args.routed_kv = 32, 2, 16, 16
+        args.light_window, args.ar_window, args.ar_q_per_window = 16, 16, 4
+        args.seq_lens, args.ar_seq_lens, args.warmup, args.iters = [128], [128, 256], 1, 2
+        args.router_iters = 10
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    torch.manual_seed(0)
+    results = []
+    for row in args.rows:
+        kind, dtype = row.split(":")
+        graphs = [False, True] if args.graph and device.type == "cuda" and kind != "routed_ar" else [False]
+        for t, graph in ((t, g) for t in (args.ar_seq_lens if kind == "routed_ar" else args.seq_lens)
+                         for g in graphs):
+            entry = {"module": kind, "dtype": dtype, "T": t, "cuda_graph": graph}
+            block = None
+            try:
+                torch.manual_seed(0)
+                block = build(kind, args.dim, args).to(device)
+                entry["ms"], entry["peak_mib"] = measure(block, t, args.dim, dtype, device, args.warmup,
+                                                         args.iters, graph)
+            except Exception as err:  # a row that fails (e.g. out of memory) is reported, not fatal
+                entry["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+            finally:
+                block = None
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            results.append(entry)
+            print(json.dumps(entry), flush=True)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"\ndevice: {name}, torch {torch.__version__}, dim {args.dim}, heads {args.heads}+{args.heads}, "
+          f"routed q/kv {args.routed_q}/{args.routed_kv}, backend {args.backend}\n")
+    print("| module | dtype | CUDA graph | T | fwd+bwd ms | peak MiB |\n|---|---|---|---|---|---|")
+    for r in results:
+        cells = [f"{r['ms']:.2f}", f"{r['peak_mib']:.0f}"] if "ms" in r else [r["error"], ""]
+        print(f"| {r['module']} | {r['dtype']} | {'yes' if r['cuda_graph'] else 'no'} | {r['T']} | "
+              + " | ".join(cells) + " |")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"device": name, "torch": torch.__version__, "args": {
+            k: str(v) for k, v in vars(args).items()}, "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
