@@ -36,6 +36,12 @@ class TransformerBlock(nn.Module):
         x = x + self.mixer(self.norm1(x), mask=mask, **kwargs)
         return x + self.ff(self.norm2(x), mask=mask)
 
+    def step(self, x_t: torch.Tensor, state):
+        """One token (B, dim) of causal decoding through the mixer's recurrent state."""
+        y, state = self.mixer.step(self.norm1(x_t), state)
+        x_t = x_t + y
+        return x_t + self.ff(self.norm2(x_t)[:, None])[:, 0], state
+
 
 class Transformer(nn.Module):
     def __init__(self, attn: MethodConfig, dim: int, depth: int, ff_mult: int = 4, dropout: float = 0.0):
@@ -70,6 +76,50 @@ class DecoderLM(nn.Module):
         x = self.tok(tokens) + self.pos(torch.arange(t, device=tokens.device))
         return self.head(self.body(x))
 
+    @property
+    def recurrent(self) -> bool:
+        """True when every mixer carries a state, so decoding costs O(1) per token in the length."""
+        return all(hasattr(b.mixer, "step") and hasattr(b.mixer, "init_state") for b in self.body.blocks)
+
+    def init_state(self, batch: int, device=None, dtype=torch.float32) -> list:
+        return [b.mixer.init_state(batch, device=device, dtype=dtype) for b in self.body.blocks]
+
+    def step(self, token: torch.Tensor, position: int, states: list) -> tuple[torch.Tensor, list]:
+        """Logits (B, vocab) for the next token after `token` (B,) at `position`, and the new states."""
+        x = self.tok(token) + self.pos.weight[position]
+        new_states = []
+        for block, state in zip(self.body.blocks, states):
+            x, state = block.step(x, state)
+            new_states.append(state)
+        return self.head(self.body.norm(x)), new_states
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, new_tokens: int, temperature: float = 1.0,
+                 generator: torch.Generator | None = None, use_state: bool | None = None) -> torch.Tensor:
+        """Continue `prompt` (B, P) by `new_tokens` sampled tokens (temperature 0: greedy).
+
+        Recurrent methods decode token by token from their state (O(1) per token); the others (or
+        use_state=False) run the model over the last max_len tokens for every new token."""
+        recurrent = self.recurrent if use_state is None else use_state
+        if recurrent and not self.recurrent:
+            raise ValueError("use_state=True: this model's mixers have no recurrent state")
+        if prompt.shape[1] + new_tokens > self.max_len and recurrent:
+            raise ValueError(f"prompt + new tokens = {prompt.shape[1] + new_tokens} exceeds max_len {self.max_len} "
+                             "(position embeddings are learned up to max_len)")
+        out = prompt
+        if recurrent:
+            states = self.init_state(prompt.shape[0], device=prompt.device, dtype=self.tok.weight.dtype)
+            for pos in range(prompt.shape[1]):
+                logits, states = self.step(prompt[:, pos], pos, states)
+        for i in range(new_tokens):
+            if not recurrent:
+                logits = self(out[:, -self.max_len:])[:, -1]
+            token = _sample(logits, temperature, generator)
+            out = torch.cat([out, token[:, None]], dim=1)
+            if recurrent and i + 1 < new_tokens:
+                logits, states = self.step(token, out.shape[1] - 1, states)
+        return out
+
 
 class Encoder(nn.Module):
     """Bidirectional encoder over embedded inputs (B, T, dim) with a key padding mask."""
@@ -84,3 +134,10 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.body(x + self.pos[: x.shape[1]], mask=mask)
+
+
+def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]

@@ -115,3 +115,13 @@ def test_ray_job_submit_runs_the_sweep(head, tmp_path):
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and parents[0].data.tags["git_sha"] == "test-sha"
     assert len([r for r in runs if "mlflow.parentRunId" in r.data.tags]) == 2
+
+
+def test_a_trial_can_train_data_parallel_on_two_workers(head, tmp_path):
+    run_sweep(["topk", "--smoke", "--address", head.address, "--workers-per-trial", "2"], tmp_path)
+    client, parents, children = _children(tmp_path / "runs" / "mlflow.db", "topk")
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    for c in children:
+        assert c.data.metrics["perf/workers"] == 2.0
+        steps = [m.step for m in client.get_metric_history(c.info.run_id, "train/loss")]
+        assert len(steps) == len(set(steps)), "only rank 0 logs"

@@ -67,6 +67,7 @@ def main(name: str, defaults: Mapping[str, Any], smoke: Mapping[str, Any],
         override["seed"] = args.seed
     config = merge(config, override)
     reporter = LocalReporter(args.run_dir)
+    (reporter.run_dir / "config.json").write_text(json.dumps(config, indent=2))
     print(f"config: {json.dumps(config)}\nrun dir: {reporter.run_dir}", flush=True)
     result = train_fn(config, reporter=reporter)
     print("final: " + json.dumps(result), flush=True)

@@ -204,7 +204,8 @@ def fit(task: Task, cfg: TrainConfig, reporter: Reporter, seed: int = 0,
                    "perf/step_ms": 1000 * window_time / window_steps,
                    "perf/tokens_per_s": window_items / window_time}
         metrics.update({"train/lr": scheduler.get_last_lr()[0], "perf/peak_mem_mib": peak_mem_mib(device),
-                        "params/trainable": float(trainable), "params/total": float(total)})
+                        "params/trainable": float(trainable), "params/total": float(total),
+                        "perf/workers": float(reporter.world_size)})
         metrics.update(_aux_metrics(_unwrap(model)))
         window_loss, window_items, window_time, window_steps = 0.0, 0, 0.0, 0
         checkpoint_dir = None
