@@ -1,21 +1,33 @@
-"""One trial: a Tune function trainable that builds and fits a Ray Train TorchTrainer (Train V2), and
-the loop each Train worker runs: the workload's train_fn_per_worker with an MLflow-logging reporter."""
+"""One trial, two ways to run it.
+
+- `inline` (single-worker trials, the default): the Tune trial's own actor trains, holding the trial's
+  CPU/GPU. Tune reuses the actor for the next trial (reuse_actors), so torch, CUDA and compiled kernels
+  stay warm and a trial starts in about a second instead of paying Ray Train's start-up (controller,
+  worker group, imports, process group) every time.
+- `train`: the Tune trial is a driver that builds and fits a Ray Train `TorchTrainer` (Train V2) with a
+  deterministic run name; needed for data-parallel trials (several workers).
+
+Either way the workload's `train_fn_per_worker` runs with a reporter that logs every point to the
+trial's MLflow child run from rank 0 (explicit steps, nothing twice after a retry) and reports the
+evaluation points, with checkpoints, to Tune."""
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
 import os
+import shutil
 import tempfile
+import time
 from typing import Any
 
 from orchestrator import tracking
-from workloads.common.report import RayTrainReporter
+from workloads.common.report import Reporter
 
 
 @dataclasses.dataclass(frozen=True)
 class SweepContext:
-    """What every trial of a sweep shares; passed to the driver with tune.with_parameters."""
+    """What every trial of a sweep shares; passed to the trainable with tune.with_parameters."""
 
     sweep: str
     sweep_id: str
@@ -30,15 +42,12 @@ class SweepContext:
     max_failures: int = 2
 
 
-class MlflowRayReporter(RayTrainReporter):
-    """Ray Train report for Tune (evaluation points only: ASHA acts on the quality metric, and fewer
-    reports mean fewer barriers) plus, from rank 0, every point to the trial's MLflow child run with
-    explicit steps. A retried worker restarts from its last checkpoint and skips steps MLflow already
-    holds, so no point is logged twice."""
+class MlflowLogging:
+    """Rank 0 logs every point to the child run, skipping steps a previous attempt already logged."""
 
-    def __init__(self, tracking_uri: str, run_id: str):
-        super().__init__()
+    def _init_mlflow(self, tracking_uri: str, run_id: str, started_at: float) -> None:
         self.run_id = run_id
+        self.started_at = started_at
         self.client = None
         self.logged_upto = -1
         if self.rank == 0:
@@ -47,31 +56,107 @@ class MlflowRayReporter(RayTrainReporter):
             self.client = MlflowClient(tracking_uri)
             self.logged_upto = tracking.last_logged_step(self.client, run_id)
 
-    def report(self, metrics, step, checkpoint_dir=None):
+    def _log(self, metrics, step) -> None:
         if self.client is not None and step > self.logged_upto:
             tracking.log_metrics(self.client, self.run_id, metrics, step)
             self.logged_upto = step
-        if "val/loss" in metrics:
-            super().report(metrics, step, checkpoint_dir)
 
     def log_params(self, params):
         if self.client is not None:
             tracking.log_params(self.client, self.run_id, params)
 
+    def on_train_start(self):
+        # Time from the trial's start to its first training step: the sweep's per-trial overhead.
+        if self.client is not None:
+            tracking.log_metrics(self.client, self.run_id, {"perf/startup_s": time.time() - self.started_at}, 0)
 
-def train_worker(loop_config: dict[str, Any]) -> None:
-    """Runs in every Ray Train worker. Rank 0 also samples system metrics (CPU, memory, GPU) into the
-    trial's run while it trains."""
-    config = loop_config["config"]
-    reporter = MlflowRayReporter(loop_config["tracking_uri"], loop_config["run_id"])
+
+class TrainWorkerReporter(MlflowLogging, Reporter):
+    """Inside a Ray Train worker: evaluation points (which ASHA acts on) go through ray.train.report."""
+
+    def __init__(self, tracking_uri: str, run_id: str, started_at: float):
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        checkpoint = ray.train.get_checkpoint()
+        self._restored = checkpoint.to_directory() if checkpoint is not None else None
+        self._init_mlflow(tracking_uri, run_id, started_at)
+
+    def report(self, metrics, step, checkpoint_dir=None):
+        import ray.train
+
+        self._log(metrics, step)
+        if "val/loss" in metrics:
+            checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+            ray.train.report({**metrics, "step": step}, checkpoint=checkpoint)
+
+    def resume_checkpoint_dir(self):
+        return self._restored
+
+
+class StopTrial(SystemExit):
+    """Tune asked this trial to stop (ASHA): leave the training loop now so the actor can be reused."""
+
+
+class InlineReporter(MlflowLogging, Reporter):
+    """In the Tune trial's actor: tune.report with checkpoints; keeps the best checkpoint to log it."""
+
+    def __init__(self, tracking_uri: str, run_id: str, started_at: float, metric: str, mode: str):
+        from ray import tune
+
+        self.rank, self.world_size = 0, 1
+        checkpoint = tune.get_checkpoint()
+        self._restored = checkpoint.to_directory() if checkpoint is not None else None
+        self.metric, self.sign = metric, (1 if mode == "min" else -1)
+        self.best_value, self.best_dir = float("inf"), None
+        self._init_mlflow(tracking_uri, run_id, started_at)
+
+    def report(self, metrics, step, checkpoint_dir=None):
+        from ray import tune
+
+        if _stop_requested():
+            raise StopTrial(0)
+        self._log(metrics, step)
+        if "val/loss" not in metrics:
+            return
+        if checkpoint_dir and self.sign * metrics.get(self.metric, float("inf")) < self.best_value:
+            self.best_value = self.sign * metrics[self.metric]
+            if self.best_dir:
+                shutil.rmtree(self.best_dir, ignore_errors=True)
+            self.best_dir = tempfile.mkdtemp(prefix="best-")
+            shutil.copytree(checkpoint_dir, self.best_dir, dirs_exist_ok=True)
+        checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        tune.report({**metrics, "step": step}, checkpoint=checkpoint)
+
+    def resume_checkpoint_dir(self):
+        return self._restored
+
+
+def _stop_requested() -> bool:
+    # Tune stops a function trainable by setting its session's stop event; the training thread only
+    # notices at its next report, so check it at every logging point. (Internal API: if it moves, trials
+    # still stop, only later, and the actor is then replaced instead of reused.)
+    try:
+        from ray.train._internal.session import get_session
+
+        session = get_session()
+        return bool(session and session.stop_event.is_set())
+    except Exception:
+        return False
+
+
+def _system_metrics(run_id: str, tracking_uri: str):
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=2, resume_logging=True, tracking_uri=tracking_uri)
+    monitor.start()
+    return monitor
+
+
+def _run_workload(config: dict[str, Any], reporter: Reporter, tracking_uri: str) -> None:
     workload = importlib.import_module(f"workloads.{config['workload']}")
-    monitor = None
-    if reporter.rank == 0:
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-        monitor = SystemMetricsMonitor(loop_config["run_id"], sampling_interval=2, resume_logging=True,
-                                       tracking_uri=loop_config["tracking_uri"])
-        monitor.start()
+    monitor = _system_metrics(reporter.run_id, tracking_uri) if reporter.rank == 0 else None
     try:
         workload.train_fn_per_worker(config, reporter=reporter)
     finally:
@@ -79,24 +164,53 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             monitor.finish()
 
 
-def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
-    """The Tune trainable: one child run, one TorchTrainer, a deterministic Train run name so a resumed
-    trial restores its own checkpoints from storage."""
-    import ray.train
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """Runs in every Ray Train worker (executor `train`)."""
+    reporter = TrainWorkerReporter(loop_config["tracking_uri"], loop_config["run_id"], loop_config["started_at"])
+    _run_workload(loop_config["config"], reporter, loop_config["tracking_uri"])
+
+
+def _child_run(config: dict[str, Any], ctx: SweepContext):
     from mlflow.tracking import MlflowClient
     from ray import tune
+
+    client = MlflowClient(ctx.tracking_uri)
+    trial_id = tune.get_context().get_trial_id()
+    run_id = tracking.get_or_create_child_run(client, ctx.parent_run_id, trial_id, config, int(config.get("seed", 0)))
+    client.log_dict(run_id, config, "config.json")
+    return client, trial_id, run_id
+
+
+def run_trial_inline(config: dict[str, Any], ctx: SweepContext) -> None:
+    """The Tune trainable for executor `inline`: trains in this (reused) actor."""
+    started_at = time.time()
+    client, _, run_id = _child_run(config, ctx)
+    reporter = InlineReporter(ctx.tracking_uri, run_id, started_at, ctx.quality_metric, ctx.quality_mode)
+    try:
+        _run_workload(config, reporter, ctx.tracking_uri)
+    except StopTrial:
+        return  # the sweep closes stopped trials' runs from Tune's record
+    finally:
+        if reporter.best_dir:
+            if not _stop_requested():
+                client.log_artifacts(run_id, reporter.best_dir, artifact_path="best_checkpoint")
+            shutil.rmtree(reporter.best_dir, ignore_errors=True)
+    client.set_terminated(run_id, status="FINISHED")
+
+
+def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
+    """The Tune trainable for executor `train`: one TorchTrainer, a deterministic Train run name so a
+    resumed trial restores its own checkpoints from storage."""
+    import ray.train
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    tune_ctx = tune.get_context()
-    trial_id = tune_ctx.get_trial_id()
-    client = MlflowClient(ctx.tracking_uri)
-    seed = int(config.get("seed", 0))
-    run_id = tracking.get_or_create_child_run(client, ctx.parent_run_id, trial_id, config, seed)
-    client.log_dict(run_id, config, "config.json")
+    started_at = time.time()
+    client, trial_id, run_id = _child_run(config, ctx)
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": config, "tracking_uri": ctx.tracking_uri, "run_id": run_id},
+        train_loop_config={"config": config, "tracking_uri": ctx.tracking_uri, "run_id": run_id,
+                           "started_at": started_at},
         scaling_config=ray.train.ScalingConfig(
             num_workers=ctx.workers, use_gpu=ctx.gpus_per_worker > 0,
             resources_per_worker={"CPU": ctx.cpus_per_worker,
@@ -121,7 +235,7 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
 
 
 def log_checkpoint(client, run_id: str, path: str) -> None:
-    """A Ray checkpoint directory (local or remote storage) as the run's `best_checkpoint` artifact."""
+    """A checkpoint directory (local or remote storage) as the run's `best_checkpoint` artifact."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as tmp:

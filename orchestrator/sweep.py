@@ -26,6 +26,7 @@ from orchestrator.spec import (
 )
 
 SEARCHES = ("grid", "random", "optuna")
+EXECUTORS = ("auto", "inline", "train")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -41,6 +42,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="GPUs a trial gets, fractions allowed (default: 1 if the cluster has GPUs, else 0)")
     p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers (DDP) a trial")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--executor", default="auto",
+                   help="inline: train in Tune's (reused, warm) trial actor; train: a Ray Train TorchTrainer per "
+                        "trial; auto (default): inline for one worker a trial, train for several")
     p.add_argument("--address", default=None, help="a Ray cluster to join (default: start a local Ray)")
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                    help="MLflow tracking URI (default: sqlite file under ./runs)")
@@ -76,6 +80,11 @@ def prepare(args: argparse.Namespace) -> tuple[Any, dict[str, Any], int]:
     """Everything that can fail on bad input, before Ray starts: sweep, workload, every knob."""
     if args.search not in SEARCHES:
         raise ConfigError(f"--search: got {args.search!r}, allowed: {', '.join(SEARCHES)}")
+    if args.executor not in EXECUTORS:
+        raise ConfigError(f"--executor: got {args.executor!r}, allowed: {', '.join(EXECUTORS)}")
+    if args.executor == "inline" and args.workers_per_trial > 1:
+        raise ConfigError(f"--executor: inline runs one worker a trial, got --workers-per-trial "
+                          f"{args.workers_per_trial}; use train (or auto)")
     if args.num_samples < 1:
         raise ConfigError(f"--num-samples: must be >= 1, got {args.num_samples}")
     spec = load_sweep(args.name)
@@ -108,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from orchestrator.driver import SweepContext, run_trial
+    from orchestrator.driver import SweepContext, run_trial, run_trial_inline
     from orchestrator.report import report
     from orchestrator.resources import DRIVER_RESOURCES, plan
 
@@ -154,12 +163,19 @@ def run(args: argparse.Namespace) -> int:
                                                 "gpus_per_worker": res.gpus_per_worker})
         if pointer is not None:
             pointer.write_text(sweep_id)
+    executor = "inline" if (args.executor == "inline" or (args.executor == "auto" and res.workers == 1)) else "train"
     print(f"sweep {sweep_id}: {n_points} configs x {args.num_samples}, up to {res.max_concurrent} at once, "
-          f"{res.workers} worker(s) x ({res.cpus_per_worker:g} CPU, {res.gpus_per_worker:g} GPU)", flush=True)
+          f"{res.workers} worker(s) x ({res.cpus_per_worker:g} CPU, {res.gpus_per_worker:g} GPU), "
+          f"executor {executor}", flush=True)
 
     ctx = SweepContext(spec.name, sweep_id, tracking_uri, parent_id, storage, res.workers,
                        res.cpus_per_worker, res.gpus_per_worker, metric, mode, args.max_failures)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), DRIVER_RESOURCES)
+    inline = executor == "inline"
+    if inline:  # the trial's actor trains: it holds the worker's resources itself
+        resources = {"cpu": res.cpus_per_worker, **({"gpu": res.gpus_per_worker} if res.use_gpu else {})}
+        trainable = tune.with_resources(tune.with_parameters(run_trial_inline, ctx=ctx), resources)
+    else:  # the trial's actor only drives a TorchTrainer: it holds nothing its workers need
+        trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), DRIVER_RESOURCES)
     experiment = f"{storage}/{sweep_id}"
     if args.resume and tune.Tuner.can_restore(experiment):
         tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
@@ -171,10 +187,14 @@ def run(args: argparse.Namespace) -> int:
             trainable, param_space=grid_to_choice(space) if args.search == "optuna" else space,
             tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=scheduler,
                                         num_samples=args.num_samples,
-                                        max_concurrent_trials=res.max_concurrent,
+                                        max_concurrent_trials=res.max_concurrent, reuse_actors=inline,
                                         search_alg=_search_alg(args.search, metric, mode)),
-            run_config=tune.RunConfig(name=sweep_id, storage_path=storage, verbose=1,
-                                      failure_config=tune.FailureConfig(max_failures=1)))
+            run_config=tune.RunConfig(
+                name=sweep_id, storage_path=storage, verbose=1,
+                # inline trials retry from their last checkpoint here; train trials retry inside Ray Train
+                failure_config=tune.FailureConfig(max_failures=args.max_failures if inline else 1),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=metric,
+                                                        checkpoint_score_order=mode)))
     results = tuner.fit()
     _finish_children(client, parent_id, results)
     rows = report(client, parent_id)
@@ -208,8 +228,9 @@ def _finish_children(client, parent_id: str, results) -> None:
             # The step Tune stopped it at: its workers may log a few more steps while Ray tears them down.
             tracking.set_tags(client, run.info.run_id, {"stopped_early": "true",
                                                         "stopped_at_step": str(result.metrics.get("step", ""))})
-            if result.metrics.get("checkpoint_path"):
-                log_checkpoint(client, run.info.run_id, result.metrics["checkpoint_path"])
+            path = result.checkpoint.path if result.checkpoint else result.metrics.get("checkpoint_path")
+            if path:
+                log_checkpoint(client, run.info.run_id, path)
             client.set_terminated(run.info.run_id, status="FINISHED")
         else:
             client.set_terminated(run.info.run_id, status="FAILED")

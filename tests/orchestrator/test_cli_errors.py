@@ -17,6 +17,8 @@ from tests.orchestrator.conftest import run_sweep
     (["colt5", "--smoke", "--set", "attn.nosuchknob=3"], ["unknown field", "nosuchknob", "allowed"]),
     (["colt5", "--smoke", "--workload", "nosuchworkload"], ["workload", "nosuchworkload", "allowed", "lm"]),
     (["colt5", "--smoke", "--search", "bayes"], ["--search", "bayes", "grid"]),
+    (["colt5", "--smoke", "--executor", "fast"], ["--executor", "fast", "inline", "train"]),
+    (["colt5", "--smoke", "--executor", "inline", "--workers-per-trial", "2"], ["--executor", "inline", "train"]),
 ])
 def test_bad_input_fails_before_any_trial(workdir, args, expected):
     proc = run_sweep(args, workdir, timeout=120, check=False)

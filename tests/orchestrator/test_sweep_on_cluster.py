@@ -103,7 +103,7 @@ def test_ray_job_submit_runs_the_sweep(head, tmp_path):
         [ray_cli, "job", "submit", "--address", head.dashboard, "--working-dir", str(REPO),
          "--runtime-env-json", json.dumps({"excludes": [".venv", "runs", ".git", "*.pyc"],
                                            "env_vars": {"ATTNLAB_GIT_SHA": "test-sha"}}),
-         "--", sys.executable, "-m", "orchestrator.sweep", "colt5", "--smoke",
+         "--", sys.executable, "-m", "orchestrator.sweep", "colt5", "--smoke", "--executor", "train",
          "--tracking-uri", tracking, "--storage", str(tmp_path / "ray")],
         env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -114,7 +114,12 @@ def test_ray_job_submit_runs_the_sweep(head, tmp_path):
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and parents[0].data.tags["git_sha"] == "test-sha"
-    assert len([r for r in runs if "mlflow.parentRunId" in r.data.tags]) == 2
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    # the TorchTrainer path: the workers' reporter logs the same contract
+    for c in children:
+        assert client.get_metric_history(c.info.run_id, "val/bpc") and c.data.metrics["perf/startup_s"] > 0
+        assert "best_checkpoint" in {a.path for a in client.list_artifacts(c.info.run_id)}
 
 
 def test_a_trial_can_train_data_parallel_on_two_workers(head, tmp_path):

@@ -24,6 +24,9 @@ class Reporter:
         """A directory to resume from (the last checkpoint reported), or None to start fresh."""
         return None
 
+    def on_train_start(self) -> None:
+        """Called once the model, optimizer and data are ready, right before the first step."""
+
     def log_params(self, params: dict[str, Any]) -> None:
         """The resolved config, flattened. Default: nothing (the orchestrator logs it)."""
 

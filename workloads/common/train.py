@@ -170,6 +170,8 @@ def fit(task: Task, cfg: TrainConfig, reporter: Reporter, seed: int = 0,
         torch.cuda.reset_peak_memory_stats(device)
 
     last_eval: dict[str, float] = {}
+    train_seconds = 0.0  # time inside training steps (GPU synchronised): what a sweep's GPU is busy for
+    reporter.on_train_start()
     window_loss, window_items, window_time, window_steps = 0.0, 0, 0.0, 0
     for step in range(start_step, cfg.steps):
         model.train()
@@ -190,6 +192,7 @@ def fit(task: Task, cfg: TrainConfig, reporter: Reporter, seed: int = 0,
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         window_time += time.perf_counter() - t0
+        train_seconds += time.perf_counter() - t0
         window_loss += loss_sum
         window_items += items * reporter.world_size
         window_steps += 1
@@ -205,7 +208,7 @@ def fit(task: Task, cfg: TrainConfig, reporter: Reporter, seed: int = 0,
                    "perf/tokens_per_s": window_items / window_time}
         metrics.update({"train/lr": scheduler.get_last_lr()[0], "perf/peak_mem_mib": peak_mem_mib(device),
                         "params/trainable": float(trainable), "params/total": float(total),
-                        "perf/workers": float(reporter.world_size)})
+                        "perf/workers": float(reporter.world_size), "perf/train_s": train_seconds})
         metrics.update(_aux_metrics(_unwrap(model)))
         window_loss, window_items, window_time, window_steps = 0.0, 0, 0.0, 0
         checkpoint_dir = None
