@@ -10,6 +10,8 @@ from typing import Any
 
 from workloads.common.report import LocalReporter
 
+SECTIONS = ("attn", "model", "train", "data", "lora")
+
 
 def _value(text: str) -> Any:
     try:
@@ -53,13 +55,14 @@ def main(name: str, defaults: Mapping[str, Any], smoke: Mapping[str, Any],
     parser = argparse.ArgumentParser(prog=f"python -m workloads.{name}")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU, seconds")
     parser.add_argument("--method", help="attention method (attention.methods())")
-    for section in ("attn", "model", "train", "data"):
+    for section in SECTIONS:
         parser.add_argument(f"--{section}", nargs="*", default=[], metavar="KEY=VALUE")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--run-dir", help="where metrics and the last checkpoint go; resumes from it")
     args = parser.parse_args(argv)
     config = merge(defaults, smoke) if args.smoke else dict(defaults)
-    override: dict[str, Any] = {s: _pairs(getattr(args, s), s) for s in ("attn", "model", "train", "data")}
+    # only the sections given: a workload without a `lora` section never sees an empty one
+    override: dict[str, Any] = {s: _pairs(getattr(args, s), s) for s in SECTIONS if getattr(args, s)}
     if args.method:
         # a new method starts from its own defaults, not the previous method's knobs
         config["attn"] = {"method": args.method}

@@ -10,8 +10,9 @@ Sources (no download at run time):
   tiny fallback.
 
 Each is prepared once into an Arrow cache (`datasets` DatasetDict with `train` and `test` splits,
-columns image: binary H*W uint8, label: int64) under cache_root()/images-<name>-<sha256 prefix> and
-loaded memory-mapped. The sha256 of the source files is recorded and names the cache, so a new
+columns image: binary H*W uint8, label: int64) under cache_root()/images-<name>-<sha256 prefix>; the
+Arrow files are memory-mapped and the image arrays read from their buffers (no copy when a split is
+one Arrow chunk, one copy otherwise). The sha256 of the source files is recorded and names the cache, so a new
 source version never reads an old cache.
 
 Variants (the EfficientAttention LoRA experiment), applied to the uint8 pixels on load:
@@ -44,6 +45,8 @@ VARIANTS = ("plain", "quantized", "rotated", "inverted")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
                  "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+SHAPES = {"mnist": (28, 28), "fashion_mnist": (28, 28), "digits": (8, 8)}  # known before loading
+CLASSES = 10  # all three have ten classes
 DIGITS_TEST = 297  # digits has no official split: the last 297 of a fixed permutation are the test set
 
 INSTALL = {
