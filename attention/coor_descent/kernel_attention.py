@@ -213,9 +213,10 @@ def _attn_forward_kernel(Q, K, V, KM, O, STATS, ROWS, EPS,
 
 def attention_config(dtype: torch.dtype, head_dim: int, interpret: bool) -> dict:
     """Tiles and warps per kernel: "fwd" (forward), "bwd_m" (backward prepass and dq: programs over
-    query blocks), "bwd_n" (dk, dv: programs over key blocks). fp32 inputs use exact fp32 dot
-    products (slow; fp16/bf16 are the fast path): y divides scores by eps, so tf32's 1e-3 error in q.k
-    would come out amplified."""
+    query blocks), "bwd_n" (dk, dv: programs over key blocks). Optional keys: "unroll" (iterations of the
+    backward's factored sum per loop trip, default 4), "exp_limit" (kernel_attention_bwd.py).
+    fp32 inputs use exact fp32 dot products (slow; fp16/bf16 are the fast path): y divides scores by
+    eps, so tf32's 1e-3 error in q.k would come out amplified."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if interpret:
         tile = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4)
@@ -226,10 +227,10 @@ def attention_config(dtype: torch.dtype, head_dim: int, interpret: bool) -> dict
     if block_d > 64:
         return dict(BLOCK_D=block_d, PRECISION="tf32", fwd=dict(BLOCK_M=64, BLOCK_N=32, num_warps=4),
                     bwd_m=dict(BLOCK_M=64, BLOCK_N=32, num_warps=8), bwd_n=dict(BLOCK_M=32, BLOCK_N=64, num_warps=8))
-    # measured on an H100 (docs/benchmarks_coor_descent.md); larger dk/dv tiles spill registers
-    return dict(BLOCK_D=block_d, PRECISION="tf32", fwd=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4),
-                bwd_m=dict(BLOCK_M=128, BLOCK_N=32, num_warps=8),
-                bwd_n=dict(BLOCK_M=32, BLOCK_N=64, num_warps=8))
+    # measured on an H100 (docs/benchmarks_coor_descent.md): 128x128 forward tiles, 64x32 dk/dv tiles
+    return dict(BLOCK_D=block_d, PRECISION="tf32", fwd=dict(BLOCK_M=128, BLOCK_N=128, num_warps=8),
+                bwd_m=dict(BLOCK_M=64, BLOCK_N=64, num_warps=8),
+                bwd_n=dict(BLOCK_M=64, BLOCK_N=32, num_warps=8))
 
 
 def launch_meta(cfg: dict, kernel: str) -> dict:
