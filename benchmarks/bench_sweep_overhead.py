@@ -39,7 +39,8 @@ def run(executor: str, args) -> dict:
         cmd += ["--gpus-per-trial", str(args.gpus_per_trial)]
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                              p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)})
     wall = time.time() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{executor} sweep failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

@@ -50,6 +50,7 @@ class MlflowLogging:
         self.started_at = started_at
         self.client = None
         self.logged_upto = -1
+        self._pending: list = []
         if self.rank == 0:
             from mlflow.tracking import MlflowClient
 
@@ -57,9 +58,16 @@ class MlflowLogging:
             self.logged_upto = tracking.last_logged_step(self.client, run_id)
 
     def _log(self, metrics, step) -> None:
+        # queued, not waited for: a slow tracking store (sqlite shared by concurrent trials, a remote
+        # server) must not stall the training loop; flush() waits at the end of the trial
         if self.client is not None and step > self.logged_upto:
-            tracking.log_metrics(self.client, self.run_id, metrics, step)
+            self._pending += tracking.log_metrics(self.client, self.run_id, metrics, step, synchronous=False)
             self.logged_upto = step
+
+    def flush(self) -> None:
+        for op in self._pending:
+            op.wait()
+        self._pending.clear()
 
     def log_params(self, params):
         if self.client is not None:
@@ -160,6 +168,7 @@ def _run_workload(config: dict[str, Any], reporter: Reporter, tracking_uri: str)
     try:
         workload.train_fn_per_worker(config, reporter=reporter)
     finally:
+        reporter.flush()
         if monitor is not None:
             monitor.finish()
 

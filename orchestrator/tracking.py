@@ -98,11 +98,15 @@ def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> 
         client.log_batch(run_id, params=new[i:i + 100])
 
 
-def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int,
+                synchronous: bool = True) -> list:
+    """Log with an explicit step. synchronous=False queues the write (MLflow's async logging) and returns
+    the pending operations to wait on, so a training loop never waits for the tracking store."""
     ts = int(time.time() * 1000)
     batch = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
-    for i in range(0, len(batch), 1000):
-        client.log_batch(run_id, metrics=batch[i:i + 1000])
+    ops = [client.log_batch(run_id, metrics=batch[i:i + 1000], synchronous=synchronous)
+           for i in range(0, len(batch), 1000)]
+    return [op for op in ops if op is not None]
 
 
 def last_logged_step(client: MlflowClient, run_id: str, key: str = "train/loss") -> int:
