@@ -227,7 +227,7 @@ def attention_config(dtype: torch.dtype, head_dim: int, interpret: bool) -> dict
     if block_d > 64:
         return dict(BLOCK_D=block_d, PRECISION="tf32", fwd=dict(BLOCK_M=64, BLOCK_N=32, num_warps=4),
                     bwd_m=dict(BLOCK_M=64, BLOCK_N=32, num_warps=8), bwd_n=dict(BLOCK_M=32, BLOCK_N=64, num_warps=8))
-    # measured on an H100 (docs/benchmarks_coor_descent.md): 128x128 forward tiles, 64x32 dk/dv tiles
+    # measured on an H100 (docs/benchmarks.md): 128x128 forward tiles, 64x32 dk/dv tiles
     return dict(BLOCK_D=block_d, PRECISION="tf32", fwd=dict(BLOCK_M=128, BLOCK_N=128, num_warps=8),
                 bwd_m=dict(BLOCK_M=64, BLOCK_N=64, num_warps=8),
                 bwd_n=dict(BLOCK_M=64, BLOCK_N=32, num_warps=8))

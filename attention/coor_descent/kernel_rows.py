@@ -27,7 +27,7 @@ saturated entries (s + a_{t-1} > 0). With g = dL/dy and abar_t = dL/da_t:
 
 Implicit differentiation at the fixed point (sum_j exp(min(s_j + a, 0)/eps) = k) instead gives
 ds_j = direct_j - abar y_j [unsat_j] / sum_unsat y; it equals the above only once converged. Measured on
-an H100 (docs/benchmarks_coor_descent.md) it is no faster (both backwards are two launches over the
+an H100 (docs/benchmarks.md) it is no faster (both backwards are two launches over the
 scores) and off by 3.5e-4 .. 3.7e-2 (relative) against the reference's gradient at 50 iterations, so
 the exact unrolled gradient is the default; implicit_backward=True is kept for comparison.
 """
