@@ -115,11 +115,11 @@ def run(args: argparse.Namespace) -> int:
     import ray
     from mlflow.tracking import MlflowClient
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     from orchestrator.driver import SweepContext, run_trial, run_trial_inline
     from orchestrator.report import report
     from orchestrator.resources import DRIVER_RESOURCES, plan
+    from orchestrator.scheduler import TrackedASHA
 
     root = Path("runs").resolve()
     storage = args.storage or str(root / "ray")
@@ -181,8 +181,8 @@ def run(args: argparse.Namespace) -> int:
         tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
     else:
-        scheduler = ASHAScheduler(time_attr="step", max_t=steps, reduction_factor=2, stop_last_trials=False,
-                                  grace_period=max(1, int(steps * spec.grace_fraction)))
+        scheduler = TrackedASHA(tracking_uri, parent_id, time_attr="step", max_t=steps, reduction_factor=2,
+                                stop_last_trials=False, grace_period=max(1, int(steps * spec.grace_fraction)))
         tuner = tune.Tuner(
             trainable, param_space=grid_to_choice(space) if args.search == "optuna" else space,
             tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=scheduler,
@@ -193,7 +193,9 @@ def run(args: argparse.Namespace) -> int:
                 name=sweep_id, storage_path=storage, verbose=1,
                 # inline trials retry from their last checkpoint here; train trials retry inside Ray Train
                 failure_config=tune.FailureConfig(max_failures=args.max_failures if inline else 1),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=metric,
+                # every checkpoint kept: Tune's saved experiment state can name a checkpoint that a
+                # num_to_keep clean-up deleted just before a crash, and then --resume cannot restore it
+                checkpoint_config=tune.CheckpointConfig(checkpoint_score_attribute=metric,
                                                         checkpoint_score_order=mode)))
     results = tuner.fit()
     _finish_children(client, parent_id, results)
@@ -215,8 +217,8 @@ def _search_alg(search: str, metric: str, mode: str):
 
 
 def _finish_children(client, parent_id: str, results) -> None:
-    """Trials ASHA stopped never return from fit() (their driver is stopped): close their runs here,
-    with their last checkpoint as the artifact."""
+    """Trials ASHA stopped may not finish their own run (their actor is stopped): close those runs here,
+    with their last checkpoint as the artifact. (TrackedASHA already tagged them at its decision.)"""
     from orchestrator.driver import log_checkpoint
 
     by_trial = {r.metrics.get("trial_id"): r for r in results if r.metrics}
@@ -225,9 +227,6 @@ def _finish_children(client, parent_id: str, results) -> None:
             continue
         result = by_trial.get(run.data.tags.get("trial_id"))
         if result is not None and result.error is None:
-            # The step Tune stopped it at: its workers may log a few more steps while Ray tears them down.
-            tracking.set_tags(client, run.info.run_id, {"stopped_early": "true",
-                                                        "stopped_at_step": str(result.metrics.get("step", ""))})
             path = result.checkpoint.path if result.checkpoint else result.metrics.get("checkpoint_path")
             if path:
                 log_checkpoint(client, run.info.run_id, path)

@@ -41,16 +41,19 @@ def test_asha_stops_the_trials_that_fall_behind(head, tmp_path):
     assert len(parents) == 1 and len(children) == 4
     stopped = [c for c in children if c.data.tags.get("stopped_early") == "true"]
     assert stopped, "ASHA stopped no trial"
-    best = min(children, key=lambda c: c.data.metrics["val/bpc"])
-    assert best not in stopped and float(best.data.params["train.lr"]) == 0.003
+    # Tune starts the good learning rates first (the grid's last axis varies slowest), so the bad ones
+    # reach each rung behind them and are cut there
+    bad = [c for c in children if float(c.data.params["train.lr"]) == 1e-6]
+    assert all(c in stopped for c in bad)
     for c in stopped:
         assert int(c.data.tags["stopped_at_step"]) < 24  # cut before the end
         assert {a.path for a in client.list_artifacts(c.info.run_id)} >= {"best_checkpoint", "config.json"}
 
 
 def test_an_interrupted_sweep_resumes_and_finishes_every_trial_once(head, tmp_path):
+    # long enough trials (a few seconds each) that the kill lands inside the second one
     args = ["topk", "--smoke", "--address", head.address, "--max-concurrent", "1",
-            "--set", "train.steps=24", "train.eval_every=4"]
+            "--set", "train.steps=1500", "train.eval_every=100", "train.log_every=50"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.sweep", *args], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -58,7 +61,7 @@ def test_an_interrupted_sweep_resumes_and_finishes_every_trial_once(head, tmp_pa
     # kill the sweep's driver once the first trial has finished and the second has logged something
     deadline = time.time() + 240
     while time.time() < deadline:
-        time.sleep(2)
+        time.sleep(0.5)
         if db.exists():
             client, parents, children = _children(db, "topk") if _has_experiment(db, "topk") else (None, [], [])
             finished = [c for c in children if c.info.status == "FINISHED"]
@@ -81,7 +84,10 @@ def test_an_interrupted_sweep_resumes_and_finishes_every_trial_once(head, tmp_pa
     for c in children:
         steps = [m.step for m in client.get_metric_history(c.info.run_id, "train/loss")]
         assert len(steps) == len(set(steps)), "a step was logged twice"
-        assert max(steps) == 24
+        if c.data.tags.get("stopped_early") == "true":  # ASHA may still cut the worse of the two
+            assert int(c.data.tags["stopped_at_step"]) < 1500
+        else:
+            assert max(steps) == 1500
         if c.info.run_id in first_finished:  # finished before the kill: not run again
             assert c.info.end_time == first_finished[c.info.run_id]
 
