@@ -7,10 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from torch import nn
 
-from attention.layers import QKVProjection, merge_heads, zero_padded
-from attention.local.config import LocalConfig
+from attention.layers import MultiheadMixer
 
 
 def look_around(x: torch.Tensor, dim: int, look_backward: int, look_forward: int,
@@ -75,23 +73,12 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window
     return rearrange(out, "b h n w d -> b (n w) h d")[:, :t]
 
 
-class LocalAttention(nn.Module):
-    """Multi-head sliding-window self-attention, causal or not, with a key padding mask."""
+class LocalAttention(MultiheadMixer):
+    """Multi-head sliding-window self-attention, causal or not, with a key padding mask. No cross
+    attention: a window over another sequence has no meaning."""
 
-    def __init__(self, cfg: LocalConfig, dim: int):
-        super().__init__()
-        self.cfg = cfg
-        heads, dim_head = cfg.inner_dim(dim)
-        self.qkv = QKVProjection(dim, heads, dim_head)
-        self.to_out = nn.Linear(heads * dim_head, dim)
-        self.drop = nn.Dropout(cfg.dropout)
+    cross = False
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None):
-        if context is not None:
-            raise ValueError("local: cross attention is not supported (context was given); a window over "
-                             "another sequence has no meaning. Use a method with cross=True, e.g. softmax.")
-        q, k, v = self.qkv(x)
-        y = local_attention(q, k, v, window_size=self.cfg.window_size, look_backward=self.cfg.look_backward,
-                            look_forward=self.cfg.forward_windows, causal=self.cfg.causal, key_mask=mask)
-        return zero_padded(self.drop(self.to_out(merge_heads(y))), mask)
+    def attend(self, q, k, v, *, causal, key_mask):
+        return local_attention(q, k, v, window_size=self.cfg.window_size, look_backward=self.cfg.look_backward,
+                               look_forward=self.cfg.forward_windows, causal=causal, key_mask=key_mask)

@@ -1,11 +1,8 @@
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
-from torch import nn
 
-from attention.layers import QKVProjection, merge_heads, zero_padded
-from attention.softmax.config import SoftmaxConfig
+from attention.layers import MultiheadMixer
 from attention.softmax.reference import attention_mask, softmax_attention_reference
 
 
@@ -24,21 +21,8 @@ def softmax_attention(q, k, v, *, causal=False, key_mask=None, kernel="sdpa"):
     return out.transpose(1, 2)
 
 
-class SoftmaxAttention(nn.Module):
+class SoftmaxAttention(MultiheadMixer):
     """Multi-head softmax attention: self or cross (context), causal or not, key padding mask."""
 
-    def __init__(self, cfg: SoftmaxConfig, dim: int):
-        super().__init__()
-        self.cfg = cfg
-        heads, dim_head = cfg.inner_dim(dim)
-        self.qkv = QKVProjection(dim, heads, dim_head)
-        self.to_out = nn.Linear(heads * dim_head, dim)
-        self.drop = nn.Dropout(cfg.dropout)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None):
-        q, k, v = self.qkv(x, context)
-        key_mask = mask if context is None else context_mask
-        y = softmax_attention(q, k, v, causal=self.cfg.causal and context is None,
-                              key_mask=key_mask, kernel=self.cfg.kernel)
-        return zero_padded(self.drop(self.to_out(merge_heads(y))), mask)
+    def attend(self, q, k, v, *, causal, key_mask):
+        return softmax_attention(q, k, v, causal=causal, key_mask=key_mask, kernel=self.cfg.kernel)

@@ -10,11 +10,9 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 from torch.autograd.function import once_differentiable
 
-from attention.layers import QKVProjection, merge_heads, zero_padded
-from attention.topk.config import TopkConfig
+from attention.layers import MultiheadMixer
 
 
 def _visible_keys(start: int, stop: int, t: int, s: int, causal: bool, key_mask: torch.Tensor | None,
@@ -108,21 +106,9 @@ def topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: i
     return out.transpose(1, 2)
 
 
-class TopkAttention(nn.Module):
+class TopkAttention(MultiheadMixer):
     """Multi-head top-k attention: self or cross (context), causal or not, key padding mask."""
 
-    def __init__(self, cfg: TopkConfig, dim: int):
-        super().__init__()
-        self.cfg = cfg
-        heads, dim_head = cfg.inner_dim(dim)
-        self.qkv = QKVProjection(dim, heads, dim_head)
-        self.to_out = nn.Linear(heads * dim_head, dim)
-        self.drop = nn.Dropout(cfg.dropout)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None):
-        q, k, v = self.qkv(x, context)
-        key_mask = mask if context is None else context_mask
-        y = topk_attention(q, k, v, topk=self.cfg.k, causal=self.cfg.causal and context is None,
-                           key_mask=key_mask, query_chunk=self.cfg.query_chunk)
-        return zero_padded(self.drop(self.to_out(merge_heads(y))), mask)
+    def attend(self, q, k, v, *, causal, key_mask):
+        return topk_attention(q, k, v, topk=self.cfg.k, causal=causal, key_mask=key_mask,
+                              query_chunk=self.cfg.query_chunk)
