@@ -183,10 +183,13 @@ def _child_run(config: dict[str, Any], ctx: SweepContext):
     from mlflow.tracking import MlflowClient
     from ray import tune
 
+    from orchestrator.spec import resolved
+
     client = MlflowClient(ctx.tracking_uri)
     trial_id = tune.get_context().get_trial_id()
-    run_id = tracking.get_or_create_child_run(client, ctx.parent_run_id, trial_id, config, int(config.get("seed", 0)))
-    client.log_dict(run_id, config, "config.json")
+    full = resolved(config)  # every knob, defaults included: what the trial really ran with
+    run_id = tracking.get_or_create_child_run(client, ctx.parent_run_id, trial_id, full, int(config.get("seed", 0)))
+    client.log_dict(run_id, full, "config.json")
     return client, trial_id, run_id
 
 

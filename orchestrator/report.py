@@ -22,7 +22,9 @@ COLUMNS = ("trial", "method", "knobs", "quality", "best", "tokens/s", "peak MiB"
 def _varying(all_params: list[dict[str, str]]) -> list[str]:
     """The config values that differ between trials: what the ablation varies (the method aside)."""
     keys = sorted({k for p in all_params for k in p} - {"attn.method", "data.sha256", "data.corpus"})
-    return [k for k in keys if len({p.get(k) for p in all_params}) > 1]
+    # among the trials that have the knob: a method's constant knobs are not "varied" just because the
+    # baseline lacks them
+    return [k for k in keys if len({p[k] for p in all_params if k in p}) > 1]
 
 
 def _knobs(params: dict[str, str], varying: list[str]) -> str:

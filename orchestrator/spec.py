@@ -135,3 +135,19 @@ def grid_to_choice(space: Any) -> Any:
     if isinstance(space, Mapping):
         return {k: grid_to_choice(v) for k, v in space.items()}
     return space
+
+
+def resolved(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The trial config with every attention and training field filled in from the defaults, so the
+    params logged for a trial (and compared across trials) include the knobs it did not set."""
+    import dataclasses
+
+    from attention import config_from_dict
+    from workloads.common.config import section_from_dict
+    from workloads.common.train import TrainConfig
+
+    out = dict(config)
+    if "attn" in out:
+        out["attn"] = config_from_dict(out["attn"]).to_dict()
+    out["train"] = dataclasses.asdict(section_from_dict(TrainConfig, out.get("train"), "train"))
+    return out

@@ -42,3 +42,12 @@ def test_optuna_gets_choices_instead_of_grids():
     searcher = OptunaSearch(space={"attn": space["attn"]}, metric="val/bpc", mode="min")
     suggestion = searcher.suggest("t1")
     assert suggestion["attn"]["method"] in ("softmax", "topk")
+
+
+def test_resolved_config_fills_in_every_attention_and_training_default():
+    from orchestrator.spec import resolved
+
+    full = resolved({"workload": "lm", "attn": {"method": "topk", "k": 4}, "train": {"lr": 0.01}})
+    assert full["attn"]["k"] == 4 and full["attn"]["heads"] == 4 and full["attn"]["query_chunk"] == 1024
+    assert full["attn"]["method"] == "topk"
+    assert full["train"]["lr"] == 0.01 and full["train"]["steps"] == 300 and full["train"]["precision"] == "auto"
