@@ -58,6 +58,7 @@ class MlflowLogging:
             self.logged_upto = tracking.last_logged_step(self.client, run_id)
 
     def _log(self, metrics, step) -> None:
+        _maybe_fail(step)
         # queued, not waited for: a slow tracking store (sqlite shared by concurrent trials, a remote
         # server) must not stall the training loop; flush() waits at the end of the trial
         if self.client is not None and step > self.logged_upto:
@@ -139,6 +140,18 @@ class InlineReporter(MlflowLogging, Reporter):
 
     def resume_checkpoint_dir(self):
         return self._restored
+
+
+def _maybe_fail(step: int) -> None:
+    """Fault injection for testing retries: ATTNLAB_FAIL_ONCE="STEP:PATH" makes the first trial that
+    reaches STEP crash there, once (PATH marks that it happened)."""
+    spec = os.environ.get("ATTNLAB_FAIL_ONCE")
+    if not spec:
+        return
+    at, _, marker = spec.partition(":")
+    if step >= int(at) and not os.path.exists(marker):
+        open(marker, "w").close()
+        raise RuntimeError(f"ATTNLAB_FAIL_ONCE: injected failure at step {step}")
 
 
 def _stop_requested() -> bool:

@@ -27,6 +27,7 @@ from orchestrator.spec import (
 
 SEARCHES = ("grid", "random", "optuna")
 EXECUTORS = ("auto", "inline", "train")
+FORWARDED_ENV = ("ATTNLAB_", "MLFLOW_", "HF_")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -96,8 +97,14 @@ def prepare(args: argparse.Namespace) -> tuple[Any, dict[str, Any], int]:
 def _start_ray(address: str | None) -> None:
     import ray
 
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address or "auto", log_to_driver=True)
+    if address:
+        # a running cluster: its workers do not see this shell's environment, so pass on attnlab's and
+        # MLflow's settings (inside `ray job submit` the job's runtime_env already carries them)
+        forwarded = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
+        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": forwarded} if forwarded else None)
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address="auto", log_to_driver=True)
         return
     # Local: no token auth (nothing else reaches this Ray), and the dashboard on: without it, a
     # second trial's workers were seen never to start (ENVIRONMENT.md).

@@ -1,6 +1,7 @@
 """A local Ray head for the tests that need one (started once per test module that asks)."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -19,10 +20,13 @@ class RayHead:
         self.port, self.dashboard_port = free_port(), free_port()
         self.env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
         ray = str(Path(sys.executable).with_name("ray"))
-        subprocess.run([ray, "start", "--head", f"--port={self.port}", f"--num-cpus={num_cpus}", "--num-gpus=0",
-                        "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                        f"--dashboard-port={self.dashboard_port}", "--disable-usage-stats"],
-                       check=True, env=self.env, capture_output=True, timeout=180)
+        # --block in its own process group: stopping it stops this head only (`ray stop` would stop every
+        # Ray on the machine, a user's sweep included)
+        self.proc = subprocess.Popen(
+            [ray, "start", "--head", "--block", f"--port={self.port}", f"--num-cpus={num_cpus}", "--num-gpus=0",
+             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+             "--disable-usage-stats"],
+            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         self.ray = ray
         self.address = f"127.0.0.1:{self.port}"
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
@@ -33,6 +37,8 @@ class RayHead:
 
         deadline = time.time() + timeout
         while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray start --head exited with {self.proc.returncode}")
             try:
                 urllib.request.urlopen(f"{self.dashboard}/api/version", timeout=5)
                 return
@@ -41,4 +47,11 @@ class RayHead:
         raise TimeoutError(f"Ray dashboard at {self.dashboard} did not come up")
 
     def stop(self) -> None:
-        subprocess.run([self.ray, "stop", "--force"], env=self.env, capture_output=True, timeout=120)
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        except ProcessLookupError:
+            pass

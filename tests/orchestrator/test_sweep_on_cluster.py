@@ -136,3 +136,18 @@ def test_a_trial_can_train_data_parallel_on_two_workers(head, tmp_path):
         assert c.data.metrics["perf/workers"] == 2.0
         steps = [m.step for m in client.get_metric_history(c.info.run_id, "train/loss")]
         assert len(steps) == len(set(steps)), "only rank 0 logs"
+
+
+@pytest.mark.parametrize("executor", ["inline", "train"])
+def test_a_crashed_trial_is_retried_from_its_last_checkpoint(head, tmp_path, executor):
+    marker = tmp_path / "failed-once"
+    run_sweep(["topk", "--smoke", "--address", head.address, "--executor", executor, "--max-concurrent", "1",
+               "--set", "attn.method=topk", "attn.k=4", "train.steps=16", "train.eval_every=4", "train.log_every=2"],
+              tmp_path, env={"ATTNLAB_FAIL_ONCE": f"10:{marker}"})
+    assert marker.exists(), "the failure was injected"
+    client, parents, children = _children(tmp_path / "runs" / "mlflow.db", "topk")
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    for c in children:
+        steps = [m.step for m in client.get_metric_history(c.info.run_id, "train/loss")]
+        assert len(steps) == len(set(steps)), "a retried step was logged twice"
+        assert sorted(steps) == list(range(2, 17, 2))
