@@ -56,6 +56,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value for every trial, e.g. train.steps=100")
     p.add_argument("--max-failures", type=int, default=2, help="worker retries per trial")
+    p.add_argument("--capacity", nargs="*", default=[], metavar="RESOURCE=N",
+                   help="what an autoscaling cluster grows to, e.g. CPU=64 GPU=8: concurrency is sized for it "
+                        "instead of for the nodes up when the sweep starts")
     return p.parse_args(argv)
 
 
@@ -77,6 +80,25 @@ def _overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def parse_capacity(items: list[str]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or name not in ("CPU", "GPU") or out[name] < 0:
+            raise ConfigError(f"--capacity: expected CPU=N or GPU=N with N >= 0, got {item!r}")
+    return out
+
+
+def with_capacity(cluster: dict[str, float], items: list[str]) -> dict[str, float]:
+    """The cluster's resources now, or what it is declared to grow to, whichever is larger."""
+    declared = parse_capacity(items)
+    return {**cluster, **{k: max(cluster.get(k, 0.0), v) for k, v in declared.items()}}
+
+
 def prepare(args: argparse.Namespace) -> tuple[Any, dict[str, Any], int]:
     """Everything that can fail on bad input, before Ray starts: sweep, workload, every knob."""
     if args.search not in SEARCHES:
@@ -86,6 +108,7 @@ def prepare(args: argparse.Namespace) -> tuple[Any, dict[str, Any], int]:
     if args.executor == "inline" and args.workers_per_trial > 1:
         raise ConfigError(f"--executor: inline runs one worker a trial, got --workers-per-trial "
                           f"{args.workers_per_trial}; use train (or auto)")
+    parse_capacity(args.capacity)
     if args.num_samples < 1:
         raise ConfigError(f"--num-samples: must be >= 1, got {args.num_samples}")
     spec = load_sweep(args.name)
@@ -139,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
 
     t_start = time.time()
     _start_ray(args.address)
-    cluster = ray.cluster_resources()
+    cluster = with_capacity(ray.cluster_resources(), args.capacity)
     gpus = args.gpus_per_trial if args.gpus_per_trial is not None else (1.0 if cluster.get("GPU") else 0.0)
     res = plan(cluster, args.workers_per_trial, gpus, args.cpus_per_worker, args.max_concurrent)
 

@@ -32,3 +32,21 @@ def test_driver_holds_no_cpu():
 def test_impossible_requests_fail_clearly(kwargs, field):
     with pytest.raises(ConfigError, match=field):
         plan({"CPU": 2.0}, **kwargs)
+
+
+def test_a_declared_capacity_sizes_an_autoscaling_cluster():
+    from orchestrator.sweep import with_capacity
+
+    # a KubeRay cluster whose GPU workers have not started yet
+    cluster = with_capacity({"CPU": 2.0}, ["CPU=64", "GPU=8"])
+    assert cluster == {"CPU": 64.0, "GPU": 8.0}
+    assert plan(cluster, workers=1, gpus_per_trial=1).max_concurrent == 8
+    assert with_capacity({"CPU": 128.0}, ["CPU=64"])["CPU"] == 128.0  # never below what is there
+
+
+@pytest.mark.parametrize("item", ["TPU=4", "CPU=-1", "GPU", "CPU=many"])
+def test_bad_capacity_fails_clearly(item):
+    from orchestrator.sweep import parse_capacity
+
+    with pytest.raises(ConfigError, match="--capacity"):
+        parse_capacity([item])
