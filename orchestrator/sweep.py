@@ -132,7 +132,9 @@ def _start_ray(address: str | None) -> None:
     # Local: no token auth (nothing else reaches this Ray), and the dashboard on: without it, a
     # second trial's workers were seen never to start (ENVIRONMENT.md).
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
+    # address="local": always a new Ray of our own; a bare ray.init() would attach to whatever cluster
+    # /tmp/ray last recorded, a dead one included (and hang)
+    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
              configure_logging=True, logging_level="WARNING")
 
 

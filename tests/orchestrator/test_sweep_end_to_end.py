@@ -14,8 +14,19 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def smoke_sweep(tmp_path_factory):
+    from pathlib import Path
+
     workdir = tmp_path_factory.mktemp("colt5-smoke")
-    proc = run_sweep(["colt5", "--smoke"], workdir, timeout=300)
+    # A dead cluster recorded by an earlier `ray start` must not capture the embedded sweep (a bare
+    # ray.init() attaches to it and hangs): record one, run, put back what was there.
+    record = Path("/tmp/ray/ray_current_cluster")
+    before = record.read_text() if record.exists() else None
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text("127.0.0.1:1")
+    try:
+        proc = run_sweep(["colt5", "--smoke"], workdir, timeout=300)
+    finally:
+        record.write_text(before) if before is not None else record.unlink(missing_ok=True)
     return workdir, proc
 
 
