@@ -132,10 +132,34 @@ def _start_ray(address: str | None) -> None:
     # Local: no token auth (nothing else reaches this Ray), and the dashboard on: without it, a
     # second trial's workers were seen never to start (ENVIRONMENT.md).
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    # address="local": always a new Ray of our own; a bare ray.init() would attach to whatever cluster
-    # /tmp/ray last recorded, a dead one included (and hang)
-    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
+    _forget_dead_local_cluster()
+    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
              configure_logging=True, logging_level="WARNING")
+
+
+def _forget_dead_local_cluster() -> None:
+    """Ray records the last local cluster in its temp dir; ray.init() attaches to it, and so do Ray's
+    state API calls inside trials. A cluster that died without `ray stop` leaves the record behind and
+    both hang on it: drop a record whose address answers nothing (what `ray stop` would have done)."""
+    import socket
+
+    from ray._private.utils import get_ray_address_file, read_ray_address
+
+    recorded = read_ray_address()
+    if not recorded:
+        return
+    host, _, port = recorded.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=1):
+            return  # alive: ray.init() joins it, as Ray does by default
+    except (OSError, ValueError):
+        pass
+    print(f"note: Ray's record of a local cluster at {recorded} is stale (nothing answers); starting a new one",
+          file=sys.stderr)
+    try:
+        os.remove(get_ray_address_file(None))
+    except OSError:
+        pass
 
 
 def run(args: argparse.Namespace) -> int:
