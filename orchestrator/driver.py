@@ -201,15 +201,29 @@ def _child_run(config: dict[str, Any], ctx: SweepContext):
     client = MlflowClient(ctx.tracking_uri)
     trial_id = tune.get_context().get_trial_id()
     full = resolved(config)  # every knob, defaults included: what the trial really ran with
-    run_id = tracking.get_or_create_child_run(client, ctx.parent_run_id, trial_id, full, int(config.get("seed", 0)))
-    client.log_dict(run_id, full, "config.json")
-    return client, trial_id, run_id
+    run_id, finished = tracking.get_or_create_child_run(client, ctx.parent_run_id, trial_id, full,
+                                                        int(config.get("seed", 0)))
+    if not finished:
+        client.log_dict(run_id, full, "config.json")
+    return client, trial_id, run_id, finished
+
+
+def _report_finished(client, run_id: str) -> None:
+    """The trial finished before an interruption that Tune's saved state did not see: it is not run
+    again; Tune gets its final metrics back from MLflow (Tune requires a result with the metric)."""
+    from ray import tune
+
+    run = client.get_run(run_id)
+    step = max((m.step for m in run.data._metric_objs if m.key == "train/loss"), default=0)
+    tune.report({**run.data.metrics, "step": step})
 
 
 def run_trial_inline(config: dict[str, Any], ctx: SweepContext) -> None:
     """The Tune trainable for executor `inline`: trains in this (reused) actor."""
     started_at = time.time()
-    client, _, run_id = _child_run(config, ctx)
+    client, _, run_id, finished = _child_run(config, ctx)
+    if finished:
+        return _report_finished(client, run_id)
     reporter = InlineReporter(ctx.tracking_uri, run_id, started_at, ctx.quality_metric, ctx.quality_mode)
     try:
         _run_workload(config, reporter, ctx.tracking_uri)
@@ -231,7 +245,9 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     started_at = time.time()
-    client, trial_id, run_id = _child_run(config, ctx)
+    client, trial_id, run_id, finished = _child_run(config, ctx)
+    if finished:
+        return _report_finished(client, run_id)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": config, "tracking_uri": ctx.tracking_uri, "run_id": run_id,

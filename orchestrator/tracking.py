@@ -71,16 +71,19 @@ def child_runs(client: MlflowClient, parent_run_id: str) -> list:
 
 
 def get_or_create_child_run(client: MlflowClient, parent_run_id: str, trial_id: str,
-                            config: Mapping[str, Any], seed: int) -> str:
-    """The trial's child run; a retried or resumed trial finds its own run again instead of a new one."""
+                            config: Mapping[str, Any], seed: int) -> tuple[str, bool]:
+    """(run id, already finished): a retried or resumed trial finds its own run again instead of a new
+    one, and learns whether that run had already finished (then there is nothing left to do)."""
     parent = client.get_run(parent_run_id)
     exp_id = parent.info.experiment_id
     query = f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.trial_id = '{trial_id}'"
     found = client.search_runs([exp_id], filter_string=query, max_results=1)
     if found:
         run_id = found[0].info.run_id
+        if found[0].info.status == "FINISHED":
+            return run_id, True
         client.update_run(run_id, status="RUNNING")
-        return run_id
+        return run_id, False
     attn = config.get("attn", {})
     tags = {"mlflow.parentRunId": parent_run_id, "trial_id": trial_id, "method": attn.get("method", ""),
             "workload": config.get("workload", ""), "sweep": parent.data.tags.get("sweep", "")}
@@ -88,7 +91,7 @@ def get_or_create_child_run(client: MlflowClient, parent_run_id: str, trial_id: 
     params = {k: v for k, v in flatten(config).items() if k != "seed"}
     params["seed"] = seed
     log_params(client, run.info.run_id, params)
-    return run.info.run_id
+    return run.info.run_id, False
 
 
 def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
