@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 from orchestrator import tracking
-from workloads.common.report import Reporter
+from workloads.common.report import RayTrainReporter, Reporter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,28 +80,18 @@ class MlflowLogging:
             tracking.log_metrics(self.client, self.run_id, {"perf/startup_s": time.time() - self.started_at}, 0)
 
 
-class TrainWorkerReporter(MlflowLogging, Reporter):
-    """Inside a Ray Train worker: evaluation points (which ASHA acts on) go through ray.train.report."""
+class TrainWorkerReporter(MlflowLogging, RayTrainReporter):
+    """Inside a Ray Train worker: every point to MLflow from rank 0; the evaluation points (which ASHA
+    acts on) through ray.train.report, as the workloads' own RayTrainReporter does."""
 
     def __init__(self, tracking_uri: str, run_id: str, started_at: float):
-        import ray.train
-
-        ctx = ray.train.get_context()
-        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
-        checkpoint = ray.train.get_checkpoint()
-        self._restored = checkpoint.to_directory() if checkpoint is not None else None
+        RayTrainReporter.__init__(self)
         self._init_mlflow(tracking_uri, run_id, started_at)
 
     def report(self, metrics, step, checkpoint_dir=None):
-        import ray.train
-
         self._log(metrics, step)
         if "val/loss" in metrics:
-            checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-            ray.train.report({**metrics, "step": step}, checkpoint=checkpoint)
-
-    def resume_checkpoint_dir(self):
-        return self._restored
+            RayTrainReporter.report(self, metrics, step, checkpoint_dir)
 
 
 class StopTrial(SystemExit):
@@ -213,9 +203,8 @@ def _report_finished(client, run_id: str) -> None:
     again; Tune gets its final metrics back from MLflow (Tune requires a result with the metric)."""
     from ray import tune
 
-    run = client.get_run(run_id)
-    step = max((m.step for m in run.data._metric_objs if m.key == "train/loss"), default=0)
-    tune.report({**run.data.metrics, "step": step})
+    metrics = client.get_run(run_id).data.metrics
+    tune.report({**metrics, "step": max(0, tracking.last_logged_step(client, run_id))})
 
 
 def run_trial_inline(config: dict[str, Any], ctx: SweepContext) -> None:

@@ -53,7 +53,7 @@ def trial_rows(client: MlflowClient, parent_run_id: str) -> list[dict[str, Any]]
             "tokens/s": m.get("perf/tokens_per_s", float("nan")),
             "peak MiB": m.get("perf/peak_mem_mib", float("nan")),
             "trainable": int(m.get("params/trainable", 0)),
-            "status": run.data.tags.get("stopped_early") == "true" and "stopped (ASHA)" or run.info.status,
+            "status": "stopped (ASHA)" if run.data.tags.get("stopped_early") == "true" else run.info.status,
             "steps": max((h.step for h in history), default=0),
             "run_id": run.info.run_id,
         })
