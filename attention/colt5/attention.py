@@ -16,7 +16,8 @@ from attention.local import LocalAttention, LocalConfig
 def light_local_attention(cfg: Colt5Config, dim: int, causal: bool) -> LocalAttention:
     """Sliding-window attention over windows of light_window: neighbours on both sides, or the past."""
     local = LocalConfig(heads=cfg.light_head_count, dim_head=cfg.dim_head, causal=causal,
-                        window_size=cfg.light_window, look_backward=1, look_forward=0 if causal else 1)
+                        window_size=cfg.light_window, look_backward=1, look_forward=0 if causal else 1,
+                        backend=cfg.backend)
     return LocalAttention(local, dim)
 
 

@@ -28,7 +28,7 @@ class Colt5Config(MethodConfig):
     router_eps_decay: coordinate descent. route_ff: False keeps the dense feed-forward.
     light_ff_mult / heavy_ff_mult: hidden widths of the feed-forward branches (x dim).
     cross_attention: the mixer attends from x to routed tokens of `context`.
-    backend: coordinate-descent backend ('auto' = Triton on CUDA).
+    backend: of the routers' coordinate descent and the light local attention ('auto' = Triton on CUDA).
     """
 
     num_routed_q: int = 64

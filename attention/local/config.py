@@ -1,6 +1,7 @@
 import dataclasses
 
-from attention.config import ConfigError, MethodConfig, check_int
+from attention.backend import BACKENDS
+from attention.config import ConfigError, MethodConfig, check_choice, check_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,11 +17,13 @@ class LocalConfig(MethodConfig):
     window_size: int = 64
     look_backward: int = 1
     look_forward: int | None = None
+    backend: str = "auto"
 
     def validate(self) -> None:
         super().validate()
         check_int(self, "window_size", min=1)
         check_int(self, "look_backward", min=0)
+        check_choice(self, "backend", BACKENDS)
         if self.look_forward is not None:
             check_int(self, "look_forward", min=0)
             if self.causal and self.look_forward > 0:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from attention.backend import resolve
 from attention.layers import MultiheadMixer
 
 
@@ -31,13 +32,25 @@ def look_around(x: torch.Tensor, dim: int, look_backward: int, look_forward: int
 
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window_size: int,
                     look_backward: int = 1, look_forward: int = 0, causal: bool = False,
-                    key_mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
-    """Blocked sliding-window attention. q, k, v: (B, T, H, D); key_mask: (B, T) bool, True = real.
+                    key_mask: torch.Tensor | None = None, scale: float | None = None,
+                    backend: str = "auto") -> torch.Tensor:
+    """Sliding-window attention. q, k, v: (B, T, H, D); key_mask: (B, T) bool, True = real.
+
+    backend (attention.backend.resolve): 'triton' runs the fused kernel (attention/local/kernel.py);
+    'auto' runs it on CUDA when it takes the inputs (float16/bfloat16/float32, or autocast, and D <= 128)
+    and the blocked PyTorch computation below otherwise; 'reference' always runs the PyTorch one.
 
     Same result as `local_attention_reference` (the dense masked form): query i sees key j iff
-    win(j) is in [win(i) - look_backward, win(i) + look_forward] (and j <= i when causal). Scores are
-    (B, H, T / W, W, L * W): memory O(T * L * W), not O(T^2). Returns (B, T, H, D); a query that sees
-    no key gets zeros."""
+    win(j) is in [win(i) - look_backward, win(i) + look_forward] (and j <= i when causal). Returns
+    (B, T, H, D); a query that sees no key gets zeros. The PyTorch path's scores are
+    (B, H, T / W, W, L * W): memory O(T * L * W), not O(T^2); the kernel keeps none."""
+    if resolve(backend, q) == "triton":
+        from attention.local.kernel import kernel_supports, local_attention_triton  # needs triton: lazy
+
+        if backend == "triton" or kernel_supports(q, k, v):
+            return local_attention_triton(q, k, v, window_size=window_size, look_backward=look_backward,
+                                          look_forward=look_forward, causal=causal, key_mask=key_mask,
+                                          scale=scale)
     b, t, h, d = q.shape
     if k.shape[1] != t or v.shape[1] != t:
         raise ValueError(f"local attention is self-attention: q has {t} positions, k {k.shape[1]}, "
@@ -81,4 +94,5 @@ class LocalAttention(MultiheadMixer):
 
     def attend(self, q, k, v, *, causal, key_mask):
         return local_attention(q, k, v, window_size=self.cfg.window_size, look_backward=self.cfg.look_backward,
-                               look_forward=self.cfg.forward_windows, causal=causal, key_mask=key_mask)
+                               look_forward=self.cfg.forward_windows, causal=causal, key_mask=key_mask,
+                               backend=self.cfg.backend)
