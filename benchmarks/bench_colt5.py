@@ -97,6 +97,23 @@ def measure(block: nn.Module, t: int, dim: int, dtype: str, device: torch.device
     return statistics.median(times), peak
 
 
+def profile(block: nn.Module, t: int, dim: int, dtype: str, device: torch.device, top: int) -> None:
+    """One forward + backward under torch.profiler: the top kernels by device time and the launch count."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    x = torch.randn(1, t, dim, device=device, requires_grad=True)
+    fn = Autocast(block, dtype == "bf16")
+    fn(x).sum().backward()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        fn(x).sum().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=top, max_name_column_width=70), flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU")
@@ -115,6 +132,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--graph", action="store_true", help="also time each non-causal row under CUDA graphs")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after timing, print each row's N most expensive GPU kernels (torch.profiler)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if args.smoke:
@@ -137,6 +156,8 @@ def main(argv=None) -> int:
                 block = build(kind, args.dim, args).to(device)
                 entry["ms"], entry["peak_mib"] = measure(block, t, args.dim, dtype, device, args.warmup,
                                                          args.iters, graph)
+                if args.profile and not graph:
+                    profile(block, t, args.dim, dtype, device, args.profile)
             except Exception as err:  # a row that fails (e.g. out of memory) is reported, not fatal
                 entry["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
             finally:

@@ -22,12 +22,43 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+class GpuSampler:
+    """GPU 0's utilisation (NVML: the fraction of each sample period in which a kernel ran), sampled
+    every 0.1 s in a thread over the whole command; None without an NVIDIA GPU."""
+
+    def __init__(self):
+        self.samples: list[int] = []
+        self.done = threading.Event()
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.handle, self.nvml = pynvml.nvmlDeviceGetHandleByIndex(0), pynvml
+        except Exception:
+            self.thread = None
+            return
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self):
+        while not self.done.wait(0.1):
+            self.samples.append(self.nvml.nvmlDeviceGetUtilizationRates(self.handle).gpu)
+
+    def stop(self) -> float | None:
+        if self.thread is None:
+            return None
+        self.done.set()
+        self.thread.join()
+        return sum(self.samples) / max(1, len(self.samples)) / 100
 
 
 def run(executor: str, args) -> dict:
@@ -37,11 +68,13 @@ def run(executor: str, args) -> dict:
            f"model.depth={args.depth}", f"data.seq_len={args.seq_len}"]
     if args.gpus_per_trial is not None:
         cmd += ["--gpus-per-trial", str(args.gpus_per_trial)]
+    sampler = GpuSampler()
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": os.pathsep.join(
                               p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)})
     wall = time.time() - t0
+    nvml_busy = sampler.stop()
     if proc.returncode != 0:
         raise SystemExit(f"{executor} sweep failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     client = MlflowClient(f"sqlite:///{workdir}/runs/mlflow.db")
@@ -64,10 +97,25 @@ def run(executor: str, args) -> dict:
         if b > end:
             busy += b - max(a, end)
             end = b
+    first, last = min(a for a, _ in intervals), max(b for _, b in intervals)
+    # where the idle time is: before the first training step, gaps between, after the last step
+    lead, tail = first - t0, (t0 + wall) - last
+    gaps = (last - first) - busy
+    # the lead-in, phase by phase: the sweep's own timings (parent run) and the first trial's run
+    perf = parent.data.metrics
+    first_trial = min(c.info.start_time for c in children) / 1000
+    timeline = {"python, imports, validation, Ray start": perf.get("perf/process_start_to_ray_s"),
+                "Ray up -> Tune starts": perf.get("perf/ray_to_trials_s"),
+                "command start -> first trial's run": first_trial - t0,
+                "first trial's run -> first training step": first - first_trial,
+                "last training step -> last run closed": max(c.info.end_time or 0 for c in children) / 1000 - last,
+                "last training step -> end of command": tail, "of which report": perf.get("perf/report_s")}
+    print(f"\n{executor}: " + "; ".join(f"{k} {v:.1f} s" for k, v in timeline.items() if v is not None), flush=True)
     concurrency = int(parent.data.params.get("max_concurrent", 1))
     return {"executor": executor, "trials": len(children), "wall_s": wall, "busy": busy / wall,
             "startup_s": sum(startups) / max(1, len(startups)), "train_s": train_total,
-            "overhead_s": (wall * concurrency - train_total) / max(1, len(children)), "concurrency": concurrency}
+            "overhead_s": (wall * concurrency - train_total) / max(1, len(children)), "concurrency": concurrency,
+            "lead_s": lead, "gaps_s": gaps, "tail_s": tail, "nvml_busy": nvml_busy}
 
 
 def main() -> None:
@@ -81,11 +129,14 @@ def main() -> None:
     rows = [run(e, args) for e in args.executors]
     print(f"\nsweep: softmax x 2 samples, train.steps={args.steps}, model.depth={args.depth}, "
           f"seq_len={args.seq_len}, gpus_per_trial={args.gpus_per_trial}")
-    print("| executor | trials | at once | wall s | busy | mean startup s | overhead/trial s | training s (sum) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| executor | trials | at once | wall s | busy | mean startup s | overhead/trial s | training s (sum) "
+          "| idle before first step s | idle gaps s | idle after last step s | GPU utilisation (NVML) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['executor']} | {r['trials']} | {r['concurrency']} | {r['wall_s']:.1f} | {r['busy']:.0%} | "
-              f"{r['startup_s']:.1f} | {r['overhead_s']:.1f} | {r['train_s']:.1f} |")
+              f"{r['startup_s']:.1f} | {r['overhead_s']:.1f} | {r['train_s']:.1f} | {r['lead_s']:.1f} | "
+              f"{r['gaps_s']:.1f} | {r['tail_s']:.1f} | "
+              + ("n/a" if r["nvml_busy"] is None else f"{r['nvml_busy']:.0%}") + " |")
     if len(rows) == 2:
         a, b = rows
         print(f"\nwall time ratio {a['executor']}/{b['executor']}: {a['wall_s'] / b['wall_s']:.2f}")

@@ -102,11 +102,34 @@ def expand(space: Any) -> Iterator[Any]:
         yield space
 
 
-def validate(space: Mapping[str, Any]) -> int:
-    """Build every config the sweep can produce, model included (on the meta device: no memory, no
-    data), so a bad knob fails before Ray starts. Returns the number of grid points."""
+class _SkipRandomInitOnMeta(torch.overrides.TorchFunctionMode):
+    """On meta tensors, random in-place fills (normal_, ...) do nothing and randn/rand give empty tensors.
+
+    Torch runs those through its Python decompositions on the meta device, whose first use imports
+    torch._dynamo (about 1 s here, 5 s on the GPU machine). A meta tensor has no values to fill, so
+    nothing validation checks (shapes, dtypes, config errors) changes. Some other meta ops still take
+    that path (a scalar multiply in a constructor): build_models runs beside Ray's start for that."""
+
+    RANDOM_FILLS = frozenset({"normal_", "exponential_", "log_normal_", "cauchy_", "geometric_", "random_"})
+
+    RANDOM_FILLS = RANDOM_FILLS | {"trunc_normal_", "kaiming_normal_", "xavier_normal_"}  # torch.nn.init's
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.randn, torch.rand) and kwargs.get("device") in (None, "meta"):
+            kwargs.pop("generator", None)
+            return torch.empty(*args, **kwargs)  # the device context makes it meta
+        target = args[0] if args else kwargs.get("tensor")  # nn.init passes its tensor by keyword
+        if getattr(func, "__name__", "") in self.RANDOM_FILLS and isinstance(target, torch.Tensor) and target.is_meta:
+            return target
+        return func(*args, **kwargs)
+
+
+def check_configs(space: Mapping[str, Any]) -> tuple[int, list]:
+    """Every config the sweep can produce, checked (sections, method, knobs): cheap, no model built.
+    Returns the number of grid points and one validate-only task per distinct config."""
     module = workload_module(space["workload"])
-    count = 0
+    count, tasks = 0, []
     seen: set[str] = set()
     for config in expand(space):
         count += 1
@@ -115,14 +138,30 @@ def validate(space: Mapping[str, Any]) -> int:
             continue
         seen.add(key)
         try:
-            task, _ = module.build_task(config, validate_only=True)
+            tasks.append((config, module.build_task(config, validate_only=True)[0]))
+        except ConfigError as e:
+            raise ConfigError(f"{e} (in trial config attn={config.get('attn')})") from e
+    return count, tasks
+
+
+def build_models(tasks: list) -> None:
+    """Build each task's model on the meta device (no memory, no data): what only a constructor checks
+    (shapes that must divide, a method's own limits) fails here, before any trial."""
+    for config, task in tasks:
+        try:
             try:
-                with torch.device("meta"):
+                with torch.device("meta"), _SkipRandomInitOnMeta():
                     task.build_model()
             except (RuntimeError, NotImplementedError):
                 task.build_model()  # a module that computes at init (random features): build it for real
         except ConfigError as e:
             raise ConfigError(f"{e} (in trial config attn={config.get('attn')})") from e
+
+
+def validate(space: Mapping[str, Any]) -> int:
+    """check_configs then build_models: a bad knob fails before Ray starts. Returns the grid points."""
+    count, tasks = check_configs(space)
+    build_models(tasks)
     return count
 
 

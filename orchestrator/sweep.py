@@ -10,18 +10,20 @@ import json
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from attention.config import ConfigError
 from orchestrator import tracking
 from orchestrator.spec import (
+    build_models,
+    check_configs,
     expand,
     grid_to_choice,
     load_sweep,
     param_space,
     sweep_names,
-    validate,
     workload_module,
 )
 
@@ -99,8 +101,9 @@ def with_capacity(cluster: dict[str, float], items: list[str]) -> dict[str, floa
     return {**cluster, **{k: max(cluster.get(k, 0.0), v) for k, v in declared.items()}}
 
 
-def prepare(args: argparse.Namespace) -> tuple[Any, dict[str, Any], int]:
-    """Everything that can fail on bad input, before Ray starts: sweep, workload, every knob."""
+def prepare(args: argparse.Namespace) -> tuple[Any, dict[str, Any], int, list]:
+    """What can fail on bad input, before Ray starts: sweep, workload, every knob (the models are
+    built on the meta device by run(), while Ray starts)."""
     if args.search not in SEARCHES:
         raise ConfigError(f"--search: got {args.search!r}, allowed: {', '.join(SEARCHES)}")
     if args.executor not in EXECUTORS:
@@ -113,8 +116,8 @@ def prepare(args: argparse.Namespace) -> tuple[Any, dict[str, Any], int]:
         raise ConfigError(f"--num-samples: must be >= 1, got {args.num_samples}")
     spec = load_sweep(args.name)
     space = param_space(spec, args.smoke, args.workload, _overrides(args.set))
-    n = validate(space)
-    return spec, space, n
+    n, tasks = check_configs(space)
+    return spec, space, n, tasks
 
 
 def _start_ray(address: str | None) -> None:
@@ -163,7 +166,7 @@ def _forget_dead_local_cluster() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    spec, space, n_points = prepare(args)
+    spec, space, n_points, tasks = prepare(args)
     module = workload_module(space["workload"])
     metric, mode = module.QUALITY_METRIC, module.QUALITY_MODE
     steps = max(int(c.get("train", {}).get("steps", 1)) for c in expand(space))
@@ -180,21 +183,35 @@ def run(args: argparse.Namespace) -> int:
     root = Path("runs").resolve()
     storage = args.storage or str(root / "ray")
     if "://" not in storage:
-        Path(storage).mkdir(parents=True, exist_ok=True)
         storage = str(Path(storage).resolve())
     tracking_uri = args.tracking_uri or tracking.default_tracking_uri(root)
-    if tracking_uri.startswith("sqlite:"):
-        root.mkdir(parents=True, exist_ok=True)
+    artifact_root = (root / "mlflow-artifacts").as_uri() if tracking_uri.startswith("sqlite:") else None
+
+    def models_then_tracking():
+        build_models(tasks)  # nothing is written before every model has built
+        if "://" not in storage:
+            Path(storage).mkdir(parents=True, exist_ok=True)
+        if tracking_uri.startswith("sqlite:"):
+            root.mkdir(parents=True, exist_ok=True)
+        client = MlflowClient(tracking_uri)
+        return client, tracking.ensure_experiment(client, spec.name, artifact_root)
 
     t_start = time.time()
-    _start_ray(args.address)
+    # Ray takes seconds to start; building the models on the meta device (its first use imports
+    # torch._dynamo: ~5 s on the GPU machine) and creating a new sqlite store (MLflow's migrations,
+    # ~1.5 s) take as long: they run beside it. A model that fails to build stops Ray again.
+    with ThreadPoolExecutor(1) as pool:
+        ready = pool.submit(models_then_tracking)
+        _start_ray(args.address)
+        t_ray = time.time()
+        try:
+            client, exp_id = ready.result()
+        except BaseException:
+            ray.shutdown()
+            raise
     cluster = with_capacity(ray.cluster_resources(), args.capacity)
     gpus = args.gpus_per_trial if args.gpus_per_trial is not None else (1.0 if cluster.get("GPU") else 0.0)
     res = plan(cluster, args.workers_per_trial, gpus, args.cpus_per_worker, args.max_concurrent)
-
-    client = MlflowClient(tracking_uri)
-    artifact_root = (root / "mlflow-artifacts").as_uri() if tracking_uri.startswith("sqlite:") else None
-    exp_id = tracking.ensure_experiment(client, spec.name, artifact_root)
     pointer = Path(storage) / f"{spec.name}.latest" if "://" not in storage else None
     if args.resume:
         sweep_id = args.resume
@@ -253,15 +270,28 @@ def run(args: argparse.Namespace) -> int:
                 # num_to_keep clean-up deleted just before a crash, and then --resume cannot restore it
                 checkpoint_config=tune.CheckpointConfig(checkpoint_score_attribute=metric,
                                                         checkpoint_score_order=mode)))
+    t_fit = time.time()
     results = tuner.fit()
+    t_trials = time.time()
     _finish_children(client, parent_id, results)
     rows = report(client, parent_id)
     errors = sum(1 for r in results if r.error)
+    # where the sweep's own time went (the trials' start-up is perf/startup_s on each child run)
+    tracking.log_metrics(client, parent_id, {
+        "perf/process_start_to_ray_s": t_ray - _process_start(), "perf/ray_to_trials_s": t_fit - t_ray,
+        "perf/trials_s": t_trials - t_fit, "perf/report_s": time.time() - t_trials}, 0)
     client.set_terminated(parent_id, status="FAILED" if errors == len(rows) and rows else "FINISHED")
     print(f"\n{len(rows)} trials, {errors} failed, {time.time() - t_start:.0f} s. Open the results with:\n"
           f"  mlflow ui --backend-store-uri {tracking_uri}"
           + (f" --default-artifact-root {artifact_root}" if artifact_root else ""), flush=True)
     return 1 if errors else 0
+
+
+def _process_start() -> float:
+    """When this Python process started (imports and validation count as the sweep's own time)."""
+    import psutil
+
+    return psutil.Process().create_time()
 
 
 def _search_alg(search: str, metric: str, mode: str):
