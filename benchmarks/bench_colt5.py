@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -23,6 +21,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import attention  # noqa: E402
+from benchmarks.timing import median_ms, peak_mib  # noqa: E402
 
 
 class PreNormBlock(nn.Module):
@@ -75,26 +74,9 @@ def measure(block: nn.Module, t: int, dim: int, dtype: str, device: torch.device
 
     for _ in range(warmup):
         step()
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    times = []
-    for _ in range(iters):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else float("nan")
-    return statistics.median(times), peak
+    peak = peak_mib(step, device)
+    ms = median_ms(step, warmup=0, iters=iters, device=device, flush_l2=False)
+    return ms, float("nan") if peak is None else peak
 
 
 def profile(block: nn.Module, t: int, dim: int, dtype: str, device: torch.device, top: int) -> None:

@@ -24,6 +24,7 @@ import torch
 from attention.coor_descent.attention_reference import coor_descent_attention_reference
 from attention.coor_descent.kernel import coor_descent_attention_triton, coor_descent_triton
 from attention.coor_descent.reference import coor_descent_reference
+from benchmarks.timing import median_ms, peak_mib
 
 try:
     from colt5_attention.triton_coor_descent import triton_coor_descent as colt5_coor_descent
@@ -32,18 +33,10 @@ except Exception as err:  # not installed, or broken on this torch/triton
     colt5_coor_descent = None
 
 DEV = "cuda"
-_flush = None
-
-
-def flush_l2() -> None:
-    global _flush
-    if _flush is None:
-        _flush = torch.empty(256 * 2**20, dtype=torch.int8, device=DEV)
-    _flush.zero_()
 
 
 def time_fwd_bwd(make_inputs, op, warmup: int, reps: int) -> tuple[float, float]:
-    """(median ms of forward+backward, peak extra MiB of one run)."""
+    """(median ms of forward+backward with the L2 flushed first, peak extra MiB of one run)."""
     inputs, grad = make_inputs()
     leaves = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
 
@@ -54,24 +47,8 @@ def time_fwd_bwd(make_inputs, op, warmup: int, reps: int) -> tuple[float, float]
         if out.requires_grad:
             out.backward(grad)
 
-    for _ in range(warmup):
-        run()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    run()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    times = []
-    for _ in range(reps):
-        flush_l2()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times), peak
+    ms = median_ms(run, warmup=warmup, iters=reps, device=DEV)
+    return ms, peak_mib(run, DEV)
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -228,17 +205,7 @@ def tune_attention() -> dict:
 
 
 def time_call(fn, reps: int = 5) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return median_ms(fn, warmup=1, iters=reps, device=DEV, flush_l2=False)
 
 
 def breakdown(t: int = 8192, h: int = 8, d: int = 64, k: int = 256, n_iters: int = 20, eps: float = 0.1):

@@ -29,9 +29,8 @@ if "--smoke" in sys.argv:  # before triton is imported: the kernel runs in the i
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -39,6 +38,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from attention.local import local_attention, local_attention_reference  # noqa: E402
+from benchmarks.timing import count_kernels, median_ms, peak_mib  # noqa: E402
 
 SETUPS = {"look 1/1": dict(look_backward=1, look_forward=1, causal=False),
           "causal 1/0": dict(look_backward=1, look_forward=0, causal=True)}
@@ -100,56 +100,6 @@ def make_inputs(b, t, h, d, dtype, device, seed=0):
     qkv = torch.randn(b, t, 3, h, d, device=device, dtype=dtype, generator=gen).requires_grad_()
     grad = torch.randn(b, t, h, d, device=device, dtype=dtype, generator=gen)
     return qkv, grad
-
-
-class Timer:
-    """Median ms of `fn` (CUDA events with the L2 flushed first on a GPU, wall clock on the CPU)."""
-
-    def __init__(self, device: torch.device, warmup: int, iters: int):
-        self.device, self.warmup, self.iters = device, warmup, iters
-        self.flush = torch.empty(256 * 2**20, dtype=torch.int8, device=device) if device.type == "cuda" else None
-
-    def __call__(self, fn) -> float:
-        for _ in range(self.warmup):
-            fn()
-        times = []
-        for _ in range(self.iters):
-            if self.flush is not None:
-                self.flush.zero_()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-
-
-def peak_mib(fn, device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
-def count_kernels(fn, device: torch.device) -> int | None:
-    """GPU kernels (and memsets/copies) one call of fn launches."""
-    if device.type != "cuda":
-        return None
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
 def errors(op, qkv: torch.Tensor, grad: torch.Tensor, setup: str, window: int) -> tuple[float, float]:
@@ -323,7 +273,7 @@ def main(argv=None) -> int:
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; torch {torch.__version__}; "
           f"flex: {flex_note}; B={args.batch} H={args.heads} D={args.dim_head} W={args.window} {args.dtype}",
           flush=True)
-    timer = Timer(device, args.warmup, args.iters)
+    timer = functools.partial(median_ms, warmup=args.warmup, iters=args.iters, device=device)
     entries = []
     for setup in args.setups:
         for t in args.t:

@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 import traceback
 from pathlib import Path
 
@@ -31,34 +29,17 @@ import attention
 from attention.sea import SeaAttention, key_geometry, performer_bin_mass, select_cells, sparse_attention
 from attention.sea.estimator import empty_cells
 from attention.softmax import SoftmaxAttention
+from benchmarks.timing import median_ms, peak_mib
 
 DIM, HEADS = 512, 8
 SEA = {"k": 256, "predictor_length": 256, "nb_features": 16, "loss_rows": 64}
 
 
 def timed(fn, reps: int, warmup: int = 1, device: str = "cuda") -> tuple[float, float]:
-    """(median ms, peak extra MiB of one run)."""
-    for _ in range(warmup):
-        fn()
-    if device != "cuda":
-        t0 = time.perf_counter()
-        fn()
-        return 1000 * (time.perf_counter() - t0), float("nan")
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times), peak
+    """(median ms, peak extra MiB of one run: NaN on the CPU)."""
+    ms = median_ms(fn, warmup=warmup, iters=reps, device=device, flush_l2=False)
+    peak = peak_mib(fn, device)
+    return ms, float("nan") if peak is None else peak
 
 
 def guarded(name, fn, *args):
@@ -216,14 +197,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--check", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="CPU, T = 512 and 1024, the PyTorch path")
-    parser.add_argument("--lengths", type=int, nargs="*", default=[8192, 16384, 32768, 65536, 131072])
+    parser.add_argument("--lengths", type=int, nargs="*", default=None,
+                        help="sequence lengths (default 8192 .. 131072; --smoke: 512 1024)")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--out", default=os.environ.get("OUT", ""), help="folder for bench_sea.json / .md")
     args = parser.parse_args(argv)
     device = "cpu" if args.smoke else "cuda"
     if args.smoke:
         SEA.update(k=32, predictor_length=32)
-        args.lengths, args.reps = [512, 1024], 1
+        args.lengths, args.reps = args.lengths or [512, 1024], 1
     elif not torch.cuda.is_available():
         print("no GPU: use --smoke on the CPU")
         return 2
@@ -231,6 +213,7 @@ def main(argv=None) -> int:
         print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     if args.check:
         return 1 if check(device) else 0
+    args.lengths = args.lengths or [8192, 16384, 32768, 65536, 131072]
     rows = []
     for t in args.lengths:
         rows.append(bench_length(t, device, args.reps))

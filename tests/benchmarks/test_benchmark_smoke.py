@@ -1,0 +1,27 @@
+"""Each GPU benchmark's --smoke path runs on the CPU (tiny sizes, the Triton kernels interpreted where
+they are timed), so the scripts keep working between GPU sessions. Checks that they run and print their
+table, never a time."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("script, extra, table_header, out, written", [
+    ("bench_local.py", [], "| setup |", "result.json", "result.json"),
+    ("bench_colt5.py", [], "| module | dtype | CUDA graph |", "result.json", "result.json"),
+    ("bench_sea.py", ["--lengths", "256"], "| T |", "results", "results/bench_sea.json"),  # --out: a folder
+])
+def test_smoke_path_runs_on_the_cpu(script, extra, table_header, out, written, tmp_path):
+    out, written = tmp_path / out, tmp_path / written
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--smoke", "--out", str(out), *extra],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert table_header in proc.stdout, proc.stdout[-2000:]
+    assert written.exists() and written.stat().st_size > 0
