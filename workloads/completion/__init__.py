@@ -7,9 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from attention import config_from_dict
-from workloads.common.config import section_from_dict
 from workloads.common.report import Reporter, default_reporter
+from workloads.common.sections import seed_of, task_from_sections
 from workloads.common.train import TrainConfig, fit
 from workloads.completion.task import CompletionData, CompletionTask
 from workloads.lm.task import LMModel
@@ -33,19 +32,14 @@ SMOKE: dict[str, Any] = {
 
 def build_task(config: dict[str, Any], validate_only: bool = False) -> tuple[CompletionTask, TrainConfig]:
     """Validate every section of a trial config and build the task (data loads on first use)."""
-    attn = config_from_dict(config.get("attn", {"method": "softmax"}))
-    train = section_from_dict(TrainConfig, config.get("train"), "train")
-    task = CompletionTask(attn, section_from_dict(LMModel, config.get("model"), "model"),
-                          section_from_dict(CompletionData, config.get("data"), "data"), train.batch_size,
-                          int(config.get("seed", 0)))
-    return task, train
+    return task_from_sections(config, CompletionTask, LMModel, CompletionData)
 
 
 def train_fn_per_worker(config: dict[str, Any], reporter: Reporter | None = None) -> dict[str, float]:
     task, train = build_task(config)
     reporter = reporter or default_reporter()
     reporter.log_params({"data.sha256": task.splits[0].sha256})
-    return fit(task, train, reporter, seed=int(config.get("seed", 0)))
+    return fit(task, train, reporter, seed=seed_of(config))
 
 
 QUALITY_METRIC, QUALITY_MODE = CompletionTask.quality_metric, CompletionTask.quality_mode

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from attention import config_from_dict
-from workloads.common.config import section_from_dict
 from workloads.common.report import Reporter, default_reporter
+from workloads.common.sections import seed_of, task_from_sections
 from workloads.common.train import TrainConfig, fit
 from workloads.image.model import ViTConfig
 from workloads.image.task import ImageData, ImageTask, check_bidirectional
@@ -30,20 +29,14 @@ SMOKE: dict[str, Any] = {
 
 def build_task(config: dict[str, Any], validate_only: bool = False) -> tuple[ImageTask, TrainConfig]:
     """Validate every section of a trial config and build the task (data loads on first use)."""
-    attn = config_from_dict(config.get("attn", {"method": "softmax"}))
-    check_bidirectional(attn)
-    train = section_from_dict(TrainConfig, config.get("train"), "train")
-    task = ImageTask(attn, section_from_dict(ViTConfig, config.get("model"), "model"),
-                     section_from_dict(ImageData, config.get("data"), "data"), train.batch_size,
-                     int(config.get("seed", 0)))
-    return task, train
+    return task_from_sections(config, ImageTask, ViTConfig, ImageData, check_attn=check_bidirectional)
 
 
 def train_fn_per_worker(config: dict[str, Any], reporter: Reporter | None = None) -> dict[str, float]:
     task, train = build_task(config)
     reporter = reporter or default_reporter()
     reporter.log_params({"data.sha256": task.images.sha256})
-    return fit(task, train, reporter, seed=int(config.get("seed", 0)))
+    return fit(task, train, reporter, seed=seed_of(config))
 
 
 QUALITY_METRIC, QUALITY_MODE = ImageTask.quality_metric, ImageTask.quality_mode

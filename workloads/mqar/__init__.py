@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from attention import config_from_dict
-from workloads.common.config import section_from_dict
 from workloads.common.report import Reporter, default_reporter
+from workloads.common.sections import seed_of, task_from_sections
 from workloads.common.train import TrainConfig, fit
 from workloads.lm.task import LMModel
 from workloads.mqar.task import MQARData, MQARTask
@@ -33,17 +32,12 @@ SMOKE: dict[str, Any] = {
 
 def build_task(config: dict[str, Any], validate_only: bool = False) -> tuple[MQARTask, TrainConfig]:
     """Validate every section of a trial config and build the task (sequences are generated per step)."""
-    attn = config_from_dict(config.get("attn", {"method": "softmax"}))
-    train = section_from_dict(TrainConfig, config.get("train"), "train")
-    task = MQARTask(attn, section_from_dict(LMModel, config.get("model"), "model"),
-                    section_from_dict(MQARData, config.get("data"), "data"), train.batch_size,
-                    int(config.get("seed", 0)))
-    return task, train
+    return task_from_sections(config, MQARTask, LMModel, MQARData)
 
 
 def train_fn_per_worker(config: dict[str, Any], reporter: Reporter | None = None) -> dict[str, float]:
     task, train = build_task(config)
-    return fit(task, train, reporter or default_reporter(), seed=int(config.get("seed", 0)))
+    return fit(task, train, reporter or default_reporter(), seed=seed_of(config))
 
 
 QUALITY_METRIC, QUALITY_MODE = MQARTask.quality_metric, MQARTask.quality_mode

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from attention import config_from_dict
-from workloads.common.config import section_from_dict
 from workloads.common.report import Reporter, default_reporter
+from workloads.common.sections import task_from_sections
 from workloads.common.train import TrainConfig
 from workloads.speed.task import SpeedData, SpeedModel, SpeedTask
 
@@ -29,12 +28,7 @@ SMOKE: dict[str, Any] = {
 
 def build_task(config: dict[str, Any], validate_only: bool = False) -> tuple[SpeedTask, TrainConfig]:
     """Validate every section of a trial config; the task's build_model() is the measured module."""
-    attn = config_from_dict(config.get("attn", {"method": "softmax"}))
-    train = section_from_dict(TrainConfig, config.get("train"), "train")
-    task = SpeedTask(attn, section_from_dict(SpeedModel, config.get("model"), "model"),
-                     section_from_dict(SpeedData, config.get("data"), "data"), train.batch_size,
-                     int(config.get("seed", 0)))
-    return task, train
+    return task_from_sections(config, SpeedTask, SpeedModel, SpeedData)
 
 
 def train_fn_per_worker(config: dict[str, Any], reporter: Reporter | None = None) -> dict[str, float]:
