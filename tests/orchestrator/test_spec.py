@@ -51,3 +51,20 @@ def test_resolved_config_fills_in_every_attention_and_training_default():
     assert full["attn"]["k"] == 4 and full["attn"]["heads"] == 4 and full["attn"]["query_chunk"] == 1024
     assert full["attn"]["method"] == "topk"
     assert full["train"]["lr"] == 0.01 and full["train"]["steps"] == 300 and full["train"]["precision"] == "auto"
+
+
+def test_meta_validation_skips_random_fills_without_importing_dynamo():
+    """Random init on the meta device went through torch's decompositions, whose first use imports
+    torch._dynamo (seconds on a GPU machine, before Ray could start): validating the softmax sweep must
+    not import it, and must still build every model."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; from orchestrator.spec import load_sweep, param_space, validate; "
+            "n = validate(param_space(load_sweep('softmax'), False)); "
+            "print(n, 'torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    count, dynamo = out.stdout.split()
+    assert int(count) >= 1 and dynamo == "False", out.stdout + out.stderr

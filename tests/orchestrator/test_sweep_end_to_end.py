@@ -49,6 +49,10 @@ def test_mlflow_holds_a_parent_run_with_children(smoke_sweep):
     for tag in ("sweep", "git_sha", "ray_version", "cluster"):
         assert parent.data.tags.get(tag), tag
     assert parent.data.tags["sweep"] == "colt5" and parent.info.status == "FINISHED"
+    # where the sweep's own time went, phase by phase, each a positive duration
+    phases = ("perf/process_start_to_ray_s", "perf/ray_to_trials_s", "perf/trials_s", "perf/report_s")
+    assert all(parent.data.metrics.get(k, -1) >= 0 for k in phases), parent.data.metrics
+    assert parent.data.metrics["perf/trials_s"] > parent.data.metrics["perf/ray_to_trials_s"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(c.data.tags["method"] for c in children) == ["colt5", "softmax"]
     parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "comparison")}
