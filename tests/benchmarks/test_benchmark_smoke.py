@@ -25,3 +25,19 @@ def test_smoke_path_runs_on_the_cpu(script, extra, table_header, out, written, t
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert table_header in proc.stdout, proc.stdout[-2000:]
     assert written.exists() and written.stat().st_size > 0
+
+
+@pytest.mark.ray
+def test_sweep_overhead_benchmark_reads_its_sweep_back(tmp_path):
+    """bench_sweep_overhead runs a real 8-trial sweep (inline executor, a few steps each) and reads the
+    busy time and start-ups back from MLflow."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_sweep_overhead.py"), "--executors",
+                           "inline", "--steps", "20"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| inline |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "8", row  # every trial read back
+    assert 0 < int(cells[4].rstrip("%")) <= 100, row  # busy fraction
+    assert "first trial's run -> first training step" in proc.stdout
