@@ -110,9 +110,9 @@ class _SkipRandomInitOnMeta(torch.overrides.TorchFunctionMode):
     nothing validation checks (shapes, dtypes, config errors) changes. Some other meta ops still take
     that path (a scalar multiply in a constructor): build_models runs beside Ray's start for that."""
 
-    RANDOM_FILLS = frozenset({"normal_", "exponential_", "log_normal_", "cauchy_", "geometric_", "random_"})
-
-    RANDOM_FILLS = RANDOM_FILLS | {"trunc_normal_", "kaiming_normal_", "xavier_normal_"}  # torch.nn.init's
+    # Tensor methods, then torch.nn.init's functions (which pass their tensor by keyword)
+    RANDOM_FILLS = frozenset({"normal_", "exponential_", "log_normal_", "cauchy_", "geometric_", "random_",
+                              "trunc_normal_", "kaiming_normal_", "xavier_normal_"})
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
