@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import functools
 import math
-import statistics
 import sys
 import time
 import traceback
@@ -175,17 +174,7 @@ def tune_attention() -> dict:
             if backward:
                 out.backward(grad)
         try:
-            run()
-            torch.cuda.synchronize()
-            times = []
-            for _ in range(3):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                run()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-            return statistics.median(times)
+            return median_ms(run, warmup=1, iters=3, device=DEV, flush_l2=False)
         except Exception as err:
             print(f"tiles {tiles} failed: {type(err).__name__}: {str(err)[:200]}")
             return float("inf")
