@@ -25,7 +25,7 @@ from einops import rearrange
 from torch import nn
 
 from attention.colt5.router import CONVERGENCE_TOL, FETCH_K_RATIO, routing_dtype, straight_through
-from attention.coor_descent.ops import convergence
+from attention.coor_descent.ops import unconverged_fraction
 from attention.coor_descent.reference import coor_descent_dual
 
 PREFIX_CHUNK_ELEMENTS = 1 << 22  # (windows x T) scores materialised at once by the prefix router
@@ -73,7 +73,7 @@ class CausalWindowRouter(nn.Module):
             a_prev = torch.cat([first, a[:, :-1]], dim=1)  # window n uses window n - 1's threshold
             y = torch.exp(torch.clamp(s + a_prev, max=0.0) / eps_final) * valid
         own = torch.exp(torch.clamp(s + a, max=0.0) / eps_final) * valid  # each window's own fit
-        stats = convergence(own, budget, CONVERGENCE_TOL * budget.clamp(min=1), valid)
+        unconverged = unconverged_fraction(own, budget, CONVERGENCE_TOL * budget.clamp(min=1), valid)
         candidate = y >= 0.5
         pos = torch.arange(w, device=x.device)
         # Position priority: candidates first, in order; argsort of a key that is unique per window.
@@ -82,7 +82,7 @@ class CausalWindowRouter(nn.Module):
         gates = straight_through(y.gather(-1, order)) * routed
         starts = (torch.arange(n, device=x.device) * w)[:, None]
         idx = (order + starts).masked_fill(~routed, t)
-        return WindowRouted(idx, gates, routed, stats["unconverged_frac"])
+        return WindowRouted(idx, gates, routed, unconverged)
 
 
 class PrefixRouted(NamedTuple):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from attention.coor_descent.ops import convergence, coor_descent
+from attention.coor_descent.ops import coor_descent, unconverged_fraction
 
 FETCH_K_RATIO = 9 / 8  # soft budget a little above the hard count, so selected gates sit near 1
 CONVERGENCE_TOL = 0.05  # a row is unconverged when its sum misses its budget by more than 5%
@@ -98,7 +98,7 @@ class CoordinateDescentRouter(nn.Module):
             y = coor_descent(s_blocks, budget, self.n_iters, self.eps, self.eps_init, self.eps_decay,
                              v_blocks, self.backend)
         tol = CONVERGENCE_TOL * (budget.clamp(min=1) if v_blocks is not None else max(budget, 1))
-        stats = convergence(y, budget, tol, v_blocks)
+        unconverged = unconverged_fraction(y, budget, tol, v_blocks)
         gates, idx = y.topk(per_block, dim=-1)  # (B, R, blocks, per_block)
         gates = straight_through(gates)
         if v_blocks is None:
@@ -112,4 +112,4 @@ class CoordinateDescentRouter(nn.Module):
         if pad:
             idx = idx.masked_fill(idx >= t, t)  # positions in the padding -> T (empty slot)
         return Routed(*(rearrange(v, "b r n k -> b r (n k)") for v in (idx, gates, chosen_valid)),
-                      stats["unconverged_frac"])
+                      unconverged)

@@ -80,6 +80,18 @@ def convergence(y: torch.Tensor, k: float | torch.Tensor, tol: float,
                 "max_gap": gap.max() if gap.numel() else gap.new_zeros(())}
 
 
+def unconverged_fraction(y: torch.Tensor, k: float | torch.Tensor, tol: float | torch.Tensor,
+                         mask: torch.Tensor | None = None) -> torch.Tensor:
+    """convergence(...)["unconverged_frac"] in a few kernels: routers compute it every forward (a
+    logged aux value), and each small kernel is a launch in an eager training step."""
+    with torch.no_grad():
+        missed = (y.detach().float().sum(-1) - k).abs() > tol
+        if mask is None:
+            return missed.float().mean()
+        counted = mask.any(-1)  # rows with no candidate sum to 0 by definition: not counted
+        return (missed & counted).sum() / counted.sum().clamp(min=1)
+
+
 class TopK(NamedTuple):
     values: torch.Tensor   # (..., k) x at the selected indices
     indices: torch.Tensor  # (..., k) long

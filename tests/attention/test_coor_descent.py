@@ -21,6 +21,7 @@ from attention.coor_descent import (
     coor_descent_reference,
     topk,
 )
+from attention.coor_descent.ops import unconverged_fraction
 from attention.models import DecoderLM, Encoder
 
 # The original colt5-attention router defaults (DESIGN.md: they leave rows far below k).
@@ -145,6 +146,20 @@ def test_convergence_counts_rows_and_skips_empty_ones():
     stats = convergence(y, torch.tensor([2.0, 2.0, 2.0]), tol=0.1, mask=mask)
     assert stats["rows"] == 2 and stats["unconverged"] == 1
     assert stats["unconverged_frac"] == 0.5 and stats["max_gap"] == pytest.approx(1.3)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_unconverged_fraction_equals_convergence_stats(masked, per_row):
+    y = torch.rand(3, 5, 40, generator=torch.Generator().manual_seed(4))
+    mask = torch.rand(3, 5, 40, generator=torch.Generator().manual_seed(5)) > 0.3 if masked else None
+    if masked:
+        mask[0, 1] = False  # a row with no candidate is not counted
+    k = 19 + 2 * torch.rand(3, 5, generator=torch.Generator().manual_seed(6)) if per_row else 20.0  # sums ~20
+    tol = 0.05 * (k.clamp(min=1) if per_row else k)
+    expected = convergence(y, k, tol, mask)["unconverged_frac"]
+    assert 0 < float(expected) < 1  # a mix of converged and unconverged rows: the comparison means something
+    torch.testing.assert_close(unconverged_fraction(y, k, tol, mask), expected)
 
 
 def test_topk_indices_values_and_gradients():
