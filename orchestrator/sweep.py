@@ -193,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
             Path(storage).mkdir(parents=True, exist_ok=True)
         if tracking_uri.startswith("sqlite:"):
             root.mkdir(parents=True, exist_ok=True)
+            tracking.create_sqlite_store(tracking_uri)
         client = MlflowClient(tracking_uri)
         return client, tracking.ensure_experiment(client, spec.name, artifact_root)
 

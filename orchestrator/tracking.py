@@ -24,6 +24,30 @@ def default_tracking_uri(root: Path) -> str:
     return f"sqlite:///{(root / 'mlflow.db').resolve()}"
 
 
+def create_sqlite_store(tracking_uri: str) -> None:
+    """Create a new sqlite tracking store whole: MLflow's schema migrations run on a file beside it,
+    which is then renamed into place. Any process that opens the store while it is being created
+    (`mlflow ui`, a second sweep, a reader polling for results) would otherwise run the same
+    migrations on the half-migrated file, and both fail ("table _alembic_tmp_... already exists").
+    Does nothing for an existing store or another backend."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return
+    path = Path(tracking_uri[len(prefix):])
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.creating-{os.getpid()}")
+    try:
+        MlflowClient(f"{prefix}{tmp}").search_experiments(max_results=1)  # creates and migrates the schema
+        try:
+            os.link(tmp, path)  # atomic, and never over a store another process created meanwhile
+        except FileExistsError:
+            pass
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def git_sha() -> str:
     """The commit under test: ATTNLAB_GIT_SHA when the submitter injected it (a Ray job's working dir is
     not a git checkout), else `git rev-parse HEAD`, else 'unknown'."""
