@@ -1,31 +1,25 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from attention.coor_descent.attention_reference import visible_keys
 from attention.coor_descent.config import CoorDescentConfig
-from attention.coor_descent.ops import convergence, coor_descent_attention
+from attention.coor_descent.ops import coor_descent_attention, unconverged_fraction
 from attention.coor_descent.reference import coor_descent_reference
-from attention.layers import QKVProjection, merge_heads, zero_padded
+from attention.layers import MultiheadMixer
 
 CONVERGENCE_ROWS = 64  # query rows re-solved each forward to report convergence (cheap: rows x S)
 CONVERGENCE_TOL = 0.05  # relative: a row missing its budget by more than 5% counts as unconverged
 
 
-class CoorDescentAttention(nn.Module):
+class CoorDescentAttention(MultiheadMixer):
     """Multi-head coordinate-descent attention: self or cross (context), causal or not, key padding mask.
 
     aux: coor_descent_unconverged, the fraction of a sample of query rows (first sample, first head)
     whose weights miss their budget, so a setting that does not converge shows up in the run's metrics."""
 
     def __init__(self, cfg: CoorDescentConfig, dim: int):
-        super().__init__()
-        self.cfg = cfg
-        heads, dim_head = cfg.inner_dim(dim)
-        self.qkv = QKVProjection(dim, heads, dim_head)
-        self.to_out = nn.Linear(heads * dim_head, dim)
-        self.drop = nn.Dropout(cfg.dropout)
+        super().__init__(cfg, dim)
         self.aux: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
@@ -37,16 +31,12 @@ class CoorDescentAttention(nn.Module):
         allowed = visible_keys(t, s, causal, None if key_mask is None else key_mask[:1], q.device)[0, 0, rows]
         budget = allowed.sum(-1).clamp(max=cfg.sparsity_k).float()
         y = coor_descent_reference(scores, budget, cfg.n_iters, cfg.eps, cfg.eps_init, cfg.eps_decay, allowed)
-        return convergence(y, budget, CONVERGENCE_TOL * budget.clamp(min=1), allowed)["unconverged_frac"]
+        return unconverged_fraction(y, budget, CONVERGENCE_TOL * budget.clamp(min=1), allowed)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None):
+    def attend(self, q, k, v, *, causal, key_mask):
         cfg = self.cfg
-        q, k, v = self.qkv(x, context)
-        key_mask = mask if context is None else context_mask
-        causal = cfg.causal and context is None
         y = coor_descent_attention(q, k, v, sparsity_k=cfg.sparsity_k, n_iters=cfg.n_iters, eps=cfg.eps,
                                    eps_init=cfg.eps_init, eps_decay=cfg.eps_decay, causal=causal,
                                    key_mask=key_mask, backend=cfg.backend)
         self.aux = {"coor_descent_unconverged": self._convergence(q, k, causal, key_mask)}
-        return zero_padded(self.drop(self.to_out(merge_heads(y.to(x.dtype)))), mask)
+        return y.to(q.dtype)
