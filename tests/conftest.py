@@ -13,3 +13,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a module of tiny ops: with two OpenMP threads on a busy 2-core machine
+    they spin-wait (up to 50x slower). Modules opt in with pytest.mark.usefixtures."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -46,13 +46,7 @@ def padding(t=T, seed=1):
 CASES = [(c, m) for c in (False, True) for m in (False, True)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These ops are tiny: with two OpenMP threads on a busy 2-core machine they spin-wait (up to 50x slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.mark.parametrize("causal, masked", CASES)

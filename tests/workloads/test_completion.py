@@ -1,9 +1,5 @@
 """workloads.completion: autoregressive pixel model completing occluded MNIST digits."""
 
-import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,6 +8,7 @@ import torch
 from attention import make_config
 from attention.config import ConfigError
 from attention.models import DecoderLM
+from tests.workloads.conftest import run_smoke
 from workloads.common.cli import merge
 from workloads.common.images import load_images
 from workloads.common.report import LocalReporter
@@ -23,19 +20,11 @@ from workloads.completion.pixels import classify, to_tokens, train_classifier
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def data_cache(tmp_path_factory):
-    path = tmp_path_factory.getbasetemp() / "attnlab-data"  # shared with the other workload tests
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ATTNLAB_DATA", str(path))
-        yield path
+pytestmark = pytest.mark.usefixtures("data_cache")  # tests/workloads/conftest.py
 
 
 def test_smoke_runs_offline():
-    out = subprocess.run([sys.executable, "-m", "workloads.completion", "--smoke"], capture_output=True,
-                         text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.split("final: ", 1)[1].splitlines()[0])
+    result = run_smoke("completion")
     assert 0 <= result["val/acc"] <= 1 and result["perf/completion_ms"] > 0 and result["gen/recurrent"] == 0
 
 

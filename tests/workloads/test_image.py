@@ -1,35 +1,20 @@
 """workloads.image: a ViT with any mixer on real MNIST / Fashion-MNIST / digits."""
 
-import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 from attention.config import ConfigError
+from tests.workloads.conftest import run_smoke
 from workloads.common.cli import merge
 from workloads.common.images import apply_variant
 from workloads.common.report import LocalReporter
 from workloads.common.train import fit
 from workloads.image import DEFAULTS, SMOKE, build_task
 
+pytestmark = pytest.mark.usefixtures("data_cache")  # tests/workloads/conftest.py
 
-@pytest.fixture(scope="module", autouse=True)
-def data_cache(tmp_path_factory):
-    path = tmp_path_factory.getbasetemp() / "attnlab-data"  # shared with the other workload tests
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ATTNLAB_DATA", str(path))
-        yield path
-
-
-def run_smoke(workload, *args):
-    out = subprocess.run([sys.executable, "-m", f"workloads.{workload}", "--smoke", *args], capture_output=True,
-                         text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.split("final: ", 1)[1].splitlines()[0])
 
 
 def test_smoke_runs_offline():

@@ -14,14 +14,7 @@ import pytest
 from attention.config import ConfigError
 from workloads.common import images as img
 
-
-@pytest.fixture(scope="module", autouse=True)
-def data_cache(tmp_path_factory):
-    # One prepared cache for the whole test session (every workload test module points here).
-    path = tmp_path_factory.getbasetemp() / "attnlab-data"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ATTNLAB_DATA", str(path))
-        yield path
+pytestmark = pytest.mark.usefixtures("data_cache")  # tests/workloads/conftest.py
 
 
 @pytest.fixture(scope="module")

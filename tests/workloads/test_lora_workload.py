@@ -32,12 +32,7 @@ MNIST = merge(DEFAULTS, {"model": {"dim": 32, "depth": 1, "patch_size": 7, "base
 TINY = merge(DEFAULTS, SMOKE)  # digits
 
 
-@pytest.fixture(scope="module", autouse=True)
-def data_cache(tmp_path_factory):
-    path = tmp_path_factory.getbasetemp() / "attnlab-data"  # shared with the other workload tests
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ATTNLAB_DATA", str(path))
-        yield path
+pytestmark = pytest.mark.usefixtures("data_cache")  # tests/workloads/conftest.py
 
 
 def train(config, reporter=None):

@@ -1,27 +1,17 @@
 """workloads.mqar: the Zoology multi-query associative recall generator and workload."""
 
-import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 from attention.config import ConfigError
+from tests.workloads.conftest import run_smoke
 from workloads.common.cli import merge
 from workloads.common.report import LocalReporter
 from workloads.common.train import fit
 from workloads.mqar import DEFAULTS, SMOKE, build_task
 from workloads.mqar.task import IGNORE, MQARData, mqar_batch
-
-
-def run_smoke(workload, *args):
-    out = subprocess.run([sys.executable, "-m", f"workloads.{workload}", "--smoke", *args], capture_output=True,
-                         text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.split("final: ", 1)[1].splitlines()[0])
 
 
 def test_generated_sequences_follow_the_task():
