@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from attention.coor_descent.kernel_rows import alloc, eps_schedule, eps_tensor
+from attention.coor_descent.kernel_rows import eps_schedule, eps_tensor
+from attention.kernel_outputs import alloc
 
 LOG2E = tl.constexpr(1.4426950408889634)  # constexpr: jit functions may read it
 LN2 = tl.constexpr(0.6931471805599453)

@@ -37,7 +37,7 @@ from attention.coor_descent.kernel_attention import (
     unmasked_key_end,
     visible_tile,
 )
-from attention.coor_descent.kernel_rows import alloc
+from attention.kernel_outputs import alloc
 
 
 @triton.jit

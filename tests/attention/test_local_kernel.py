@@ -13,6 +13,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: ker
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from attention import kernel_outputs  # noqa: E402
+
 triton = pytest.importorskip("triton")
 
 import attention  # noqa: E402
@@ -29,7 +31,7 @@ TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 5e-3)}
 
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
-    monkeypatch.setattr(kernel, "POISON_OUTPUTS", True)  # an element the kernels skip stays NaN
+    monkeypatch.setattr(kernel_outputs, "POISON_OUTPUTS", True)  # an element the kernels skip stays NaN
 
 
 def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
