@@ -165,6 +165,19 @@ def _forward_kernel(S, MASK, LOGK, EPS, Y, STATS, PART, COUNTER,
 
 
 @triton.jit
+def _final_weights(S, MASK, G, base, idx, end, a_last, inv_eps_f, HAS_MASK: tl.constexpr):
+    """One block of a row in the backward: scores s, incoming gradient g, the candidates (in the row,
+    not masked) and the final weights y, nonzero only where unsaturated (s + a_last <= 0)."""
+    valid = idx < end
+    s = tl.load(S + base + idx, mask=valid, other=0.0).to(tl.float32)
+    g = tl.load(G + base + idx, mask=valid, other=0.0).to(tl.float32)
+    if HAS_MASK:
+        valid = valid & (tl.load(MASK + base + idx, mask=valid, other=0) != 0)
+    y = tl.where(valid & (s + a_last <= 0), tl.exp(tl.minimum(s + a_last, 0.0) * inv_eps_f), 0.0)
+    return s, g, valid, y
+
+
+@triton.jit
 def _backward_reduce_kernel(S, MASK, G, STATS, EPS, BPART, n, n_chunks, chunk_len, n_iters,
                             HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
     """Per chunk: sum of g*y and of y over unsaturated candidates."""
@@ -179,14 +192,7 @@ def _backward_reduce_kernel(S, MASK, G, STATS, EPS, BPART, n, n_chunks, chunk_le
     acc_gy = tl.zeros((BLOCK,), tl.float32)
     acc_y = tl.zeros((BLOCK,), tl.float32)
     for off in range(start, end, BLOCK):
-        idx = off + tl.arange(0, BLOCK)
-        valid = idx < end
-        s = tl.load(S + base + idx, mask=valid, other=0.0).to(tl.float32)
-        g = tl.load(G + base + idx, mask=valid, other=0.0).to(tl.float32)
-        if HAS_MASK:
-            valid = valid & (tl.load(MASK + base + idx, mask=valid, other=0) != 0)
-        unsat = valid & (s + a_last <= 0)
-        y = tl.where(unsat, tl.exp(tl.minimum(s + a_last, 0.0) * inv_eps_f), 0.0)
+        _, g, _, y = _final_weights(S, MASK, G, base, off + tl.arange(0, BLOCK), end, a_last, inv_eps_f, HAS_MASK)
         acc_gy += g * y
         acc_y += y
     tl.store(BPART + pid * 2, tl.sum(acc_gy, 0))
@@ -226,13 +232,7 @@ def _backward_grad_kernel(S, MASK, G, STATS, EPS, LOGK, BPART, DS, DLOGK, n, n_c
     tl.store(DLOGK + row, dlogk, mask=chunk == 0)
     for off in range(start, end, BLOCK):
         idx = off + tl.arange(0, BLOCK)
-        valid = idx < end
-        s = tl.load(S + base + idx, mask=valid, other=0.0).to(tl.float32)
-        g = tl.load(G + base + idx, mask=valid, other=0.0).to(tl.float32)
-        if HAS_MASK:
-            valid = valid & (tl.load(MASK + base + idx, mask=valid, other=0) != 0)
-        unsat = valid & (s + a_last <= 0)
-        y = tl.where(unsat, tl.exp(tl.minimum(s + a_last, 0.0) * inv_eps_f), 0.0)
+        s, g, valid, y = _final_weights(S, MASK, G, base, idx, end, a_last, inv_eps_f, HAS_MASK)
         ds = g * y * inv_eps_f
         if IMPLICIT:
             ds -= abar_last * y * inv_sum_y
