@@ -11,7 +11,8 @@ Sources (no download at run time):
 
 Each is prepared once into an Arrow cache (`datasets` DatasetDict with `train` and `test` splits,
 columns image: binary H*W uint8, label: int64) under cache_root()/images-<name>-<sha256 prefix>; the
-Arrow files are memory-mapped and the image arrays read from their buffers (no copy when a split is
+Arrow files are memory-mapped with pyarrow alone (text.read_saved_dataset: no `datasets` import when a
+trial reads the cache) and the image arrays read from their buffers (no copy when a split is
 one Arrow chunk, one copy otherwise). The sha256 of the source files is recorded and names the cache, so a new
 source version never reads an old cache.
 
@@ -38,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from attention.config import ConfigError
-from workloads.common.text import cache_root
+from workloads.common.text import cache_root, read_saved_dataset
 
 DATASETS = ("mnist", "fashion_mnist", "digits")
 VARIANTS = ("plain", "quantized", "rotated", "inverted")
@@ -204,8 +205,9 @@ def _from_arrow(table, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _prepare(name: str, sha: str, cache: Path) -> None:
-    import datasets
+    import datasets  # only to write the cache: reading it needs pyarrow alone
 
+    datasets.disable_progress_bars()
     files, load = _SOURCES[name][0](), _SOURCES[name][1]
     train_x, train_y, test_x, test_y = load(files)
     splits = datasets.DatasetDict({"train": datasets.Dataset(_to_arrow(train_x, train_y)),
@@ -242,9 +244,6 @@ def load_images(name: str, variant: str = "plain", cache_dir: Path | None = None
         raise ConfigError(f"data.dataset: got {name!r}, allowed: {', '.join(DATASETS)}")
     if variant not in VARIANTS:
         raise ConfigError(f"data.variant: got {variant!r}, allowed: {', '.join(VARIANTS)}")
-    import datasets
-
-    datasets.disable_progress_bars()
     sha = source_sha256(name)
     root = cache_dir or cache_root()
     root.mkdir(parents=True, exist_ok=True)
@@ -252,9 +251,8 @@ def load_images(name: str, variant: str = "plain", cache_dir: Path | None = None
     if not (cache / "attnlab.json").exists():
         _prepare(name, sha, cache)
     info = json.loads((cache / "attnlab.json").read_text())
-    splits = datasets.load_from_disk(str(cache))
     shape = tuple(info["shape"])
-    train_x, train_y = _from_arrow(splits["train"].data.table, shape)
-    test_x, test_y = _from_arrow(splits["test"].data.table, shape)
+    train_x, train_y = _from_arrow(read_saved_dataset(cache / "train"), shape)  # pyarrow alone: no
+    test_x, test_y = _from_arrow(read_saved_dataset(cache / "test"), shape)  # `datasets` import in a trial
     return ImageSplits(name, variant, info["sha256"], info["classes"], apply_variant(train_x, variant),
                        train_y, apply_variant(test_x, variant), test_y)
