@@ -54,6 +54,16 @@ def eps_schedule(n_iters: int, eps: float, eps_init: float | None, eps_decay: fl
 
 
 @triton.jit
+def _chunk(pid, n_chunks, chunk_len, n):
+    """Program pid's row, its chunk of that row, the row's offset (int64: rows * n may pass 2**31) and
+    the chunk's [start, end) within the row."""
+    row = pid // n_chunks
+    chunk = pid % n_chunks
+    start = chunk * chunk_len
+    return row, chunk, row.to(tl.int64) * n, start, tl.minimum(start + chunk_len, n)
+
+
+@triton.jit
 def _chunk_partial(S, MASK, s_base, m_base, start, end, a_prev, inv_eps, t,
                    HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
     """(max z, sum exp(z - max), saturated part of that sum) over entries [start, end) of a row."""
@@ -120,11 +130,7 @@ def _forward_kernel(S, MASK, LOGK, EPS, Y, STATS, PART, COUNTER,
     """MODE 0: one program per row, all iterations. MODE 1: all iterations, the row's programs meet at
     a counter after each. MODE 2: iterations [t_begin, t_end) of a sequence of launches."""
     pid = tl.program_id(0)
-    row = pid // n_chunks
-    chunk = pid % n_chunks
-    base = row.to(tl.int64) * n  # int64: rows * n may pass 2**31
-    start = chunk * chunk_len
-    end = tl.minimum(start + chunk_len, n)
+    row, chunk, base, start, end = _chunk(pid, n_chunks, chunk_len, n)
     logk = tl.load(LOGK + row)
     a = logk * 0.0
     if MODE == 2:
@@ -182,11 +188,7 @@ def _backward_reduce_kernel(S, MASK, G, STATS, EPS, BPART, n, n_chunks, chunk_le
                             HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
     """Per chunk: sum of g*y and of y over unsaturated candidates."""
     pid = tl.program_id(0)
-    row = pid // n_chunks
-    chunk = pid % n_chunks
-    base = row.to(tl.int64) * n
-    start = chunk * chunk_len
-    end = tl.minimum(start + chunk_len, n)
+    row, chunk, base, start, end = _chunk(pid, n_chunks, chunk_len, n)
     a_last = tl.load(STATS + (row * n_iters + n_iters - 1) * 3)
     inv_eps_f = 1.0 / tl.load(EPS + n_iters)
     acc_gy = tl.zeros((BLOCK,), tl.float32)
@@ -205,11 +207,7 @@ def _backward_grad_kernel(S, MASK, G, STATS, EPS, LOGK, BPART, DS, DLOGK, n, n_c
                           NC: tl.constexpr, BLOCK: tl.constexpr):
     """d scores of one chunk, and d log k of the row (chunk 0)."""
     pid = tl.program_id(0)
-    row = pid // n_chunks
-    chunk = pid % n_chunks
-    base = row.to(tl.int64) * n
-    start = chunk * chunk_len
-    end = tl.minimum(start + chunk_len, n)
+    row, chunk, base, start, end = _chunk(pid, n_chunks, chunk_len, n)
     pidx = tl.arange(0, NC)
     pok = pidx < n_chunks
     sum_gy = tl.sum(tl.load(BPART + (row * n_chunks + pidx) * 2, mask=pok, other=0.0), 0)
