@@ -6,18 +6,20 @@
 """
 
 from attention.config import ConfigError, MethodConfig
-from attention.registry import (
-    Capabilities,
-    MethodSpec,
-    build,
-    build_feedforward,
-    config_from_dict,
-    get,
-    make_config,
-    methods,
-)
 
-__all__ = [
-    "Capabilities", "ConfigError", "MethodConfig", "MethodSpec", "build", "build_feedforward",
-    "config_from_dict", "get", "make_config", "methods",
-]
+_REGISTRY = ("Capabilities", "MethodSpec", "build", "build_feedforward", "config_from_dict", "get",
+             "make_config", "methods")
+
+
+def __getattr__(name: str):
+    # The registry imports torch and every method: loaded on first use, so that `attention.config` (the
+    # error type, config dataclasses) stays light for the sweep CLI, which checks its arguments and
+    # starts Ray while torch loads.
+    if name in _REGISTRY:
+        from attention import registry
+
+        return getattr(registry, name)
+    raise AttributeError(f"module 'attention' has no attribute {name!r}")
+
+
+__all__ = ["ConfigError", "MethodConfig", *_REGISTRY]

@@ -9,8 +9,6 @@ import pkgutil
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import torch
-
 from attention.config import ConfigError
 from workloads import WORKLOADS
 from workloads.common.cli import merge
@@ -44,10 +42,14 @@ def sweep_names() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_"))
 
 
-def load_sweep(name: str) -> SweepSpec:
+def check_sweep_name(name: str) -> None:
     names = sweep_names()
     if name not in names:
         raise ConfigError(f"sweep: unknown sweep {name!r}; allowed: {', '.join(names)}")
+
+
+def load_sweep(name: str) -> SweepSpec:
+    check_sweep_name(name)
     return importlib.import_module(f"orchestrator.sweeps.{name}").SWEEP
 
 
@@ -102,29 +104,6 @@ def expand(space: Any) -> Iterator[Any]:
         yield space
 
 
-class _SkipRandomInitOnMeta(torch.overrides.TorchFunctionMode):
-    """On meta tensors, random in-place fills (normal_, ...) do nothing and randn/rand give empty tensors.
-
-    Torch runs those through its Python decompositions on the meta device, whose first use imports
-    torch._dynamo (about 1 s here, 5 s on the GPU machine). A meta tensor has no values to fill, so
-    nothing validation checks (shapes, dtypes, config errors) changes. Some other meta ops still take
-    that path (a scalar multiply in a constructor): build_models runs beside Ray's start for that."""
-
-    # Tensor methods, then torch.nn.init's functions (which pass their tensor by keyword)
-    RANDOM_FILLS = frozenset({"normal_", "exponential_", "log_normal_", "cauchy_", "geometric_", "random_",
-                              "trunc_normal_", "kaiming_normal_", "xavier_normal_"})
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in (torch.randn, torch.rand) and kwargs.get("device") in (None, "meta"):
-            kwargs.pop("generator", None)
-            return torch.empty(*args, **kwargs)  # the device context makes it meta
-        target = args[0] if args else kwargs.get("tensor")  # nn.init passes its tensor by keyword
-        if getattr(func, "__name__", "") in self.RANDOM_FILLS and isinstance(target, torch.Tensor) and target.is_meta:
-            return target
-        return func(*args, **kwargs)
-
-
 def check_configs(space: Mapping[str, Any]) -> tuple[int, list]:
     """Every config the sweep can produce, checked (sections, method, knobs): cheap, no model built.
     Returns the number of grid points and one validate-only task per distinct config."""
@@ -147,13 +126,11 @@ def check_configs(space: Mapping[str, Any]) -> tuple[int, list]:
 def build_models(tasks: list) -> None:
     """Build each task's model on the meta device (no memory, no data): what only a constructor checks
     (shapes that must divide, a method's own limits) fails here, before any trial."""
+    from orchestrator.meta_build import build_on_meta
+
     for config, task in tasks:
         try:
-            try:
-                with torch.device("meta"), _SkipRandomInitOnMeta():
-                    task.build_model()
-            except (RuntimeError, NotImplementedError):
-                task.build_model()  # a module that computes at init (random features): build it for real
+            build_on_meta(task.build_model)
         except ConfigError as e:
             raise ConfigError(f"{e} (in trial config attn={config.get('attn')})") from e
 

@@ -10,12 +10,12 @@ import subprocess
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
-
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.tracking import MlflowClient
+from typing import TYPE_CHECKING, Any
 
 from workloads.common.config import flatten
+
+if TYPE_CHECKING:  # MLflow itself is imported where it is used: importing it takes seconds
+    from mlflow.tracking import MlflowClient
 
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 
@@ -38,6 +38,8 @@ def create_sqlite_store(tracking_uri: str) -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.creating-{os.getpid()}")
+    from mlflow.tracking import MlflowClient
+
     try:
         MlflowClient(f"{prefix}{tmp}").search_experiments(max_results=1)  # creates and migrates the schema
         try:
@@ -119,6 +121,8 @@ def get_or_create_child_run(client: MlflowClient, parent_run_id: str, trial_id: 
 
 
 def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
+    from mlflow.entities import Param
+
     existing = client.get_run(run_id).data.params
     new = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in params.items() if k not in existing]
     for i in range(0, len(new), 100):  # log_batch takes at most 100 params a call
@@ -129,6 +133,8 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float],
                 synchronous: bool = True) -> list:
     """Log with an explicit step. synchronous=False queues the write (MLflow's async logging) and returns
     the pending operations to wait on, so a training loop never waits for the tracking store."""
+    from mlflow.entities import Metric
+
     ts = int(time.time() * 1000)
     batch = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
     ops = [client.log_batch(run_id, metrics=batch[i:i + 1000], synchronous=synchronous)
@@ -143,4 +149,6 @@ def last_logged_step(client: MlflowClient, run_id: str, key: str = "train/loss")
 
 
 def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> None:
+    from mlflow.entities import RunTag
+
     client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
