@@ -61,6 +61,11 @@ class GpuSampler:
         return sum(self.samples) / max(1, len(self.samples)) / 100
 
 
+def _mean(runs: list[dict], key: str) -> float | None:
+    values = [m[key] for m in runs if key in m]
+    return sum(values) / len(values) if values else None
+
+
 def run(executor: str, args) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix=f"bench-{executor}-"))
     cmd = [sys.executable, "-m", "orchestrator.sweep", "softmax", "--num-samples", "2", "--executor", executor,
@@ -82,7 +87,7 @@ def run(executor: str, args) -> dict:
     runs = client.search_runs([exp.experiment_id])
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    intervals, train_total, startups = [], 0.0, []
+    intervals, train_total, startups, new_actor, reused_actor = [], 0.0, [], [], []
     for c in children:
         start = client.get_metric_history(c.info.run_id, "perf/startup_s")
         loss = client.get_metric_history(c.info.run_id, "train/loss")
@@ -90,6 +95,7 @@ def run(executor: str, args) -> dict:
         if not (start and loss and train):
             continue
         startups.append(start[0].value)
+        (new_actor if "perf/actor_start_s" in c.data.metrics else reused_actor).append(c.data.metrics)
         train_total += max(m.value for m in train)
         intervals.append((start[0].timestamp / 1000, max(m.timestamp for m in loss) / 1000))
     busy, end = 0.0, float("-inf")
@@ -101,13 +107,15 @@ def run(executor: str, args) -> dict:
     # where the idle time is: before the first training step, gaps between, after the last step
     lead, tail = first - t0, (t0 + wall) - last
     gaps = (last - first) - busy
-    # the lead-in, phase by phase: the sweep's own timings (parent run) and the first trial's run
+    # the lead-in, phase by phase: the sweep's own timings (parent run) and the trials' (child runs)
     perf = parent.data.metrics
-    first_trial = min(c.info.start_time for c in children) / 1000
     timeline = {"python, imports, validation, Ray start": perf.get("perf/process_start_to_ray_s"),
                 "Ray up -> Tune starts": perf.get("perf/ray_to_trials_s"),
-                "command start -> first trial's run": first_trial - t0,
-                "first trial's run -> first training step": first - first_trial,
+                "command start -> first training step": lead,
+                "new trial actors: process start -> trial": _mean(new_actor, "perf/actor_start_s"),
+                "then trial start -> first step": _mean(new_actor, "perf/startup_s"),
+                "of which the workload's set-up": _mean(new_actor, "perf/setup_s"),
+                "reused actors: trial start -> first step": _mean(reused_actor, "perf/startup_s"),
                 "last training step -> last run closed": max(c.info.end_time or 0 for c in children) / 1000 - last,
                 "last training step -> end of command": tail, "of which report": perf.get("perf/report_s")}
     print(f"\n{executor}: " + "; ".join(f"{k} {v:.1f} s" for k, v in timeline.items() if v is not None), flush=True)

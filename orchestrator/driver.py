@@ -13,6 +13,7 @@ evaluation points, with checkpoints, to Tune."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import os
@@ -21,7 +22,7 @@ import tempfile
 import time
 from typing import Any
 
-from orchestrator import tracking
+from orchestrator.trial_tracking import TrialTracking
 from workloads.common.report import RayTrainReporter, Reporter
 
 
@@ -40,53 +41,47 @@ class SweepContext:
     quality_metric: str
     quality_mode: str
     max_failures: int = 2
+    finished_trials: frozenset[str] = frozenset()  # resumed sweep: trials whose run had finished
 
 
 class MlflowLogging:
-    """Rank 0 logs every point to the child run, skipping steps a previous attempt already logged."""
+    """Rank 0 sends every point to the trial's run through a TrialTracking (its own thread: the training
+    loop never waits for MLflow, and a new actor does not import it before its first step)."""
 
-    def _init_mlflow(self, tracking_uri: str, run_id: str, started_at: float) -> None:
-        self.run_id = run_id
+    def _init_tracking(self, tracking: TrialTracking | None, started_at: float) -> None:
+        self.tracking = tracking if self.rank == 0 else None
         self.started_at = started_at
-        self.client = None
-        self.logged_upto = -1
-        self._pending: list = []
-        if self.rank == 0:
-            from mlflow.tracking import MlflowClient
-
-            self.client = MlflowClient(tracking_uri)
-            self.logged_upto = tracking.last_logged_step(self.client, run_id)
+        self.ready_at = time.time()  # what follows is the workload's own set-up
+        self.startup_extra: dict[str, float] = {}
 
     def _log(self, metrics, step) -> None:
         _maybe_fail(step)
-        # queued, not waited for: a slow tracking store (sqlite shared by concurrent trials, a remote
-        # server) must not stall the training loop; flush() waits at the end of the trial
-        if self.client is not None and step > self.logged_upto:
-            self._pending += tracking.log_metrics(self.client, self.run_id, metrics, step, synchronous=False)
-            self.logged_upto = step
-
-    def flush(self) -> None:
-        for op in self._pending:
-            op.wait()
-        self._pending.clear()
+        if self.tracking is not None:
+            self.tracking.log_metrics(metrics, step)
+            if "val/loss" in metrics:  # goes to Tune next, where ASHA may stop the trial: in MLflow first
+                self.tracking.flush()
 
     def log_params(self, params):
-        if self.client is not None:
-            tracking.log_params(self.client, self.run_id, params)
+        if self.tracking is not None:
+            self.tracking.log_params(params)
 
     def on_train_start(self):
-        # Time from the trial's start to its first training step: the sweep's per-trial overhead.
-        if self.client is not None:
-            tracking.log_metrics(self.client, self.run_id, {"perf/startup_s": time.time() - self.started_at}, 0)
+        # Time from the trial's start to its first training step: the sweep's per-trial overhead; of it,
+        # setup_s is the workload's (data, model, optimizer, device).
+        if self.tracking is not None:
+            now = time.time()
+            self.tracking.log_metrics({"perf/startup_s": now - self.started_at, "perf/setup_s": now - self.ready_at,
+                                       **self.startup_extra}, 0)
+            self.tracking.start()
 
 
 class TrainWorkerReporter(MlflowLogging, RayTrainReporter):
     """Inside a Ray Train worker: every point to MLflow from rank 0; the evaluation points (which ASHA
     acts on) through ray.train.report, as the workloads' own RayTrainReporter does."""
 
-    def __init__(self, tracking_uri: str, run_id: str, started_at: float):
+    def __init__(self, tracking: TrialTracking, started_at: float):
         RayTrainReporter.__init__(self)
-        self._init_mlflow(tracking_uri, run_id, started_at)
+        self._init_tracking(tracking, started_at)
 
     def report(self, metrics, step, checkpoint_dir=None):
         self._log(metrics, step)
@@ -101,7 +96,7 @@ class StopTrial(SystemExit):
 class InlineReporter(MlflowLogging, Reporter):
     """In the Tune trial's actor: tune.report with checkpoints; keeps the best checkpoint to log it."""
 
-    def __init__(self, tracking_uri: str, run_id: str, started_at: float, metric: str, mode: str):
+    def __init__(self, tracking: TrialTracking, started_at: float, metric: str, mode: str):
         from ray import tune
 
         self.rank, self.world_size = 0, 1
@@ -109,7 +104,7 @@ class InlineReporter(MlflowLogging, Reporter):
         self._restored = checkpoint.to_directory() if checkpoint is not None else None
         self.metric, self.sign = metric, (1 if mode == "min" else -1)
         self.best_value, self.best_dir = float("inf"), None
-        self._init_mlflow(tracking_uri, run_id, started_at)
+        self._init_tracking(tracking, started_at)
 
     def report(self, metrics, step, checkpoint_dir=None):
         from ray import tune
@@ -157,45 +152,31 @@ def _stop_requested() -> bool:
         return False
 
 
-def _system_metrics(run_id: str, tracking_uri: str):
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-    monitor = SystemMetricsMonitor(run_id, sampling_interval=2, resume_logging=True, tracking_uri=tracking_uri)
-    monitor.start()
-    return monitor
-
-
-def _run_workload(config: dict[str, Any], reporter: Reporter, tracking_uri: str) -> None:
+def _run_workload(config: dict[str, Any], reporter: Reporter) -> None:
     workload = importlib.import_module(f"workloads.{config['workload']}")
-    monitor = _system_metrics(reporter.run_id, tracking_uri) if reporter.rank == 0 else None
-    try:
-        workload.train_fn_per_worker(config, reporter=reporter)
-    finally:
-        reporter.flush()
-        if monitor is not None:
-            monitor.finish()
+    workload.train_fn_per_worker(config, reporter=reporter)
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
     """Runs in every Ray Train worker (executor `train`)."""
-    reporter = TrainWorkerReporter(loop_config["tracking_uri"], loop_config["run_id"], loop_config["started_at"])
-    _run_workload(loop_config["config"], reporter, loop_config["tracking_uri"])
+    run_id = loop_config["run_id"]
+    reporter = TrainWorkerReporter(TrialTracking(loop_config["tracking_uri"], lambda client: run_id),
+                                   loop_config["started_at"])
+    with reporter.tracking or contextlib.nullcontext():  # rank 0 tracks
+        _run_workload(loop_config["config"], reporter)
 
 
-def _child_run(config: dict[str, Any], ctx: SweepContext):
-    from mlflow.tracking import MlflowClient
-    from ray import tune
-
+def open_child_run(client, config: dict[str, Any], ctx: SweepContext, trial_id: str) -> tuple[str, bool]:
+    """(run id, already finished) of the trial's child run, created with its resolved config."""
+    from orchestrator import tracking
     from orchestrator.spec import resolved
 
-    client = MlflowClient(ctx.tracking_uri)
-    trial_id = tune.get_context().get_trial_id()
     full = resolved(config)  # every knob, defaults included: what the trial really ran with
     run_id, finished = tracking.get_or_create_child_run(client, ctx.parent_run_id, trial_id, full,
                                                         int(config.get("seed", 0)))
     if not finished:
         client.log_dict(run_id, full, "config.json")
-    return client, trial_id, run_id, finished
+    return run_id, finished
 
 
 def _report_finished(client, run_id: str) -> None:
@@ -203,38 +184,70 @@ def _report_finished(client, run_id: str) -> None:
     again; Tune gets its final metrics back from MLflow (Tune requires a result with the metric)."""
     from ray import tune
 
+    from orchestrator import tracking
+
     metrics = client.get_run(run_id).data.metrics
     tune.report({**metrics, "step": max(0, tracking.last_logged_step(client, run_id))})
 
 
+_trials_in_process = 0
+
+
+def _first_trial_in_process() -> bool:
+    global _trials_in_process
+    _trials_in_process += 1
+    return _trials_in_process == 1
+
+
+def process_created() -> float:
+    """When this Python process started (its imports count as start-up)."""
+    import psutil
+
+    return psutil.Process().create_time()
+
+
 def run_trial_inline(config: dict[str, Any], ctx: SweepContext) -> None:
-    """The Tune trainable for executor `inline`: trains in this (reused) actor."""
+    """The Tune trainable for executor `inline`: trains in this (reused) actor. The trial's run is
+    opened by its tracking thread once training has started (see trial_tracking.py)."""
+    from ray import tune
+
     started_at = time.time()
-    client, _, run_id, finished = _child_run(config, ctx)
-    if finished:
-        return _report_finished(client, run_id)
-    reporter = InlineReporter(ctx.tracking_uri, run_id, started_at, ctx.quality_metric, ctx.quality_mode)
+    trial_id = tune.get_context().get_trial_id()
+    if trial_id in ctx.finished_trials:  # a resumed sweep: this trial's run had finished already
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(ctx.tracking_uri)
+        return _report_finished(client, open_child_run(client, config, ctx, trial_id)[0])
+    tracker = TrialTracking(ctx.tracking_uri, lambda client: open_child_run(client, config, ctx, trial_id)[0])
+    reporter = InlineReporter(tracker, started_at, ctx.quality_metric, ctx.quality_mode)
+    if _first_trial_in_process():  # a new actor: how long its process took to reach the trial
+        reporter.startup_extra["perf/actor_start_s"] = started_at - process_created()
     try:
-        _run_workload(config, reporter, ctx.tracking_uri)
-    except StopTrial:
-        return  # the sweep closes stopped trials' runs from Tune's record
+        try:
+            with tracker:
+                _run_workload(config, reporter)
+        except StopTrial:
+            return  # the sweep closes stopped trials' runs from Tune's record
+        if reporter.best_dir and not _stop_requested():
+            tracker.client.log_artifacts(tracker.run_id, reporter.best_dir, artifact_path="best_checkpoint")
+        tracker.client.set_terminated(tracker.run_id, status="FINISHED")
     finally:
         if reporter.best_dir:
-            if not _stop_requested():
-                client.log_artifacts(run_id, reporter.best_dir, artifact_path="best_checkpoint")
             shutil.rmtree(reporter.best_dir, ignore_errors=True)
-    client.set_terminated(run_id, status="FINISHED")
 
 
 def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
     """The Tune trainable for executor `train`: one TorchTrainer, a deterministic Train run name so a
     resumed trial restores its own checkpoints from storage."""
     import ray.train
+    from mlflow.tracking import MlflowClient
+    from ray import tune
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     started_at = time.time()
-    client, trial_id, run_id, finished = _child_run(config, ctx)
+    client, trial_id = MlflowClient(ctx.tracking_uri), tune.get_context().get_trial_id()
+    run_id, finished = open_child_run(client, config, ctx, trial_id)
     if finished:
         return _report_finished(client, run_id)
     trainer = TorchTrainer(

@@ -175,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
     from ray import tune
 
-    from orchestrator.driver import SweepContext, run_trial, run_trial_inline
+    from orchestrator.driver import SweepContext, process_created, run_trial, run_trial_inline
     from orchestrator.report import report
     from orchestrator.resources import DRIVER_RESOURCES, plan
     from orchestrator.scheduler import TrackedASHA
@@ -224,7 +224,11 @@ def run(args: argparse.Namespace) -> int:
         if parent_id is None:
             raise ConfigError(f"--resume: sweep id {sweep_id!r} has no parent run in {tracking_uri}")
         client.update_run(parent_id, status="RUNNING")
+        # trials whose run finished before the interruption (Tune's saved state may not know it yet)
+        finished = frozenset(r.data.tags.get("trial_id") for r in tracking.child_runs(client, parent_id)
+                             if r.info.status == "FINISHED")
     else:
+        finished = frozenset()
         sweep_id = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         parent_id = tracking.create_parent_run(client, exp_id, spec.name, sweep_id, {
             "git_sha": tracking.git_sha(), "ray_version": ray.__version__,
@@ -243,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
           f"executor {executor}", flush=True)
 
     ctx = SweepContext(spec.name, sweep_id, tracking_uri, parent_id, storage, res.workers,
-                       res.cpus_per_worker, res.gpus_per_worker, metric, mode, args.max_failures)
+                       res.cpus_per_worker, res.gpus_per_worker, metric, mode, args.max_failures, finished)
     inline = executor == "inline"
     if inline:  # the trial's actor trains: it holds the worker's resources itself
         resources = {"cpu": res.cpus_per_worker, **({"gpu": res.gpus_per_worker} if res.use_gpu else {})}
@@ -279,20 +283,13 @@ def run(args: argparse.Namespace) -> int:
     errors = sum(1 for r in results if r.error)
     # where the sweep's own time went (the trials' start-up is perf/startup_s on each child run)
     tracking.log_metrics(client, parent_id, {
-        "perf/process_start_to_ray_s": t_ray - _process_start(), "perf/ray_to_trials_s": t_fit - t_ray,
+        "perf/process_start_to_ray_s": t_ray - process_created(), "perf/ray_to_trials_s": t_fit - t_ray,
         "perf/trials_s": t_trials - t_fit, "perf/report_s": time.time() - t_trials}, 0)
     client.set_terminated(parent_id, status="FAILED" if errors == len(rows) and rows else "FINISHED")
     print(f"\n{len(rows)} trials, {errors} failed, {time.time() - t_start:.0f} s. Open the results with:\n"
           f"  mlflow ui --backend-store-uri {tracking_uri}"
           + (f" --default-artifact-root {artifact_root}" if artifact_root else ""), flush=True)
     return 1 if errors else 0
-
-
-def _process_start() -> float:
-    """When this Python process started (imports and validation count as the sweep's own time)."""
-    import psutil
-
-    return psutil.Process().create_time()
 
 
 def _search_alg(search: str, metric: str, mode: str):
