@@ -1,5 +1,5 @@
-"""Bad input fails before any trial starts (before Ray starts: no runs/ folder), naming what was wrong
-and what is allowed."""
+"""Bad input fails before any trial starts and before anything is written (no runs/ folder), naming what
+was wrong and what is allowed, once (the knobs are checked beside Ray's start, and shown at once)."""
 
 import pytest
 
@@ -25,4 +25,5 @@ def test_bad_input_fails_before_any_trial(workdir, args, expected):
     assert proc.returncode == 2, proc.stderr
     for text in expected:
         assert text in proc.stderr, (text, proc.stderr)
+    assert proc.stderr.count("error: ") == 1, proc.stderr
     assert not (workdir / "runs").exists(), "nothing may start before the config is valid"
