@@ -4,14 +4,11 @@ across programs, the unmasked-tile and factored-backward paths. Kernel outputs s
 
 from __future__ import annotations
 
-import os
+import pytest
+import torch  # (imports no triton)
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels run on the CPU
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from attention import kernel_outputs  # noqa: E402
+# before anything imports triton: it sets TRITON_INTERPRET (poisoned_outputs is an autouse fixture)
+from tests.attention.triton_interpreter import TOL, poisoned_outputs, rel, skip_unless_interpreted  # noqa: F401
 
 triton = pytest.importorskip("triton")
 
@@ -21,21 +18,7 @@ from attention.coor_descent.kernel import coor_descent_attention_triton, coor_de
 from attention.coor_descent.ops import coor_descent, coor_descent_attention  # noqa: E402
 from attention.coor_descent.reference import coor_descent_reference  # noqa: E402
 
-if os.environ.get("TRITON_INTERPRET") != "1" or type(kernel_rows._forward_kernel).__name__ != "InterpretedFunction":
-    pytest.skip("triton was imported without TRITON_INTERPRET=1 in this process", allow_module_level=True)
-
-# relative L2 error allowed against float64, per input dtype: (outputs, gradients)
-TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 5e-3)}
-
-
-@pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
-    monkeypatch.setattr(kernel_outputs, "POISON_OUTPUTS", True)  # an element the kernel skips stays NaN
-
-
-def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
-    assert torch.isfinite(x).all(), "non-finite values (an unwritten output stays NaN)"
-    return ((x.double() - ref).norm() / ref.norm().clamp(min=1e-30)).item()
+skip_unless_interpreted(kernel_rows._forward_kernel)
 
 
 def run_rows(rows, n, k, n_iters, eps, dtype, eps_init=None, eps_decay=1.0, masked=False, per_row_k=False,

@@ -1,0 +1,34 @@
+"""What the Triton kernel tests share: kernels run on the CPU under TRITON_INTERPRET=1, outputs start as
+NaN, errors are relative L2 against float64. Import this module before torch and triton: the variable
+must be set before triton is imported in the process."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from attention import kernel_outputs  # noqa: E402
+
+# relative L2 error allowed against float64, per input dtype: (outputs, gradients)
+TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 5e-3)}
+
+
+def skip_unless_interpreted(jit_function) -> None:
+    """Skip the calling module when triton was imported earlier in this process without the interpreter."""
+    if os.environ.get("TRITON_INTERPRET") != "1" or type(jit_function).__name__ != "InterpretedFunction":
+        pytest.skip("triton was imported without TRITON_INTERPRET=1 in this process", allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Kernel outputs start as NaN: an element the kernels skip fails the test."""
+    monkeypatch.setattr(kernel_outputs, "POISON_OUTPUTS", True)
+
+
+def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(x).all(), "non-finite values (an unwritten output stays NaN)"
+    return ((x.double() - ref).norm() / ref.norm().clamp(min=1e-30)).item()
