@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from attention.coor_descent.kernel_rows import eps_schedule, eps_tensor
+from attention.kernel_grid import batch_head
 from attention.kernel_outputs import alloc
 
 LOG2E = tl.constexpr(1.4426950408889634)  # constexpr: jit functions may read it
@@ -134,9 +135,7 @@ def _attn_forward_kernel(Q, K, V, KM, O, STATS, ROWS, EPS,
                          BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    bh, b, h = batch_head(H)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < T

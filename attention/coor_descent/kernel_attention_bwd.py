@@ -37,6 +37,7 @@ from attention.coor_descent.kernel_attention import (
     unmasked_key_end,
     visible_tile,
 )
+from attention.kernel_grid import batch_head
 from attention.kernel_outputs import alloc
 
 
@@ -64,9 +65,7 @@ def _attn_backward_prepass_kernel(Q, K, V, KM, O, DO, STATS, ROWS, EPS, RB, ABAR
                                   BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                   PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    bh, b, h = batch_head(H)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < T
@@ -196,9 +195,7 @@ def _attn_backward_dq_kernel(Q, K, V, KM, DO, DQ, STATS, EPS, RB, ABAR, W,
                              BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              PRECISION: tl.constexpr, UNROLL: tl.constexpr):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    bh, b, h = batch_head(H)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < T
@@ -253,9 +250,7 @@ def _attn_backward_dkdv_kernel(Q, K, V, KM, DO, DK, DV, STATS, EPS, RB, ABAR, W,
                                BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                PRECISION: tl.constexpr, UNROLL: tl.constexpr):
     pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    bh, b, h = batch_head(H)
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)

@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from attention.kernel_grid import batch_head
 from attention.kernel_outputs import alloc
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -132,6 +133,21 @@ def _store_rows(base, stride, offs, offs_d, end, value, D: tl.constexpr):
     tl.store(ptrs, value.to(base.dtype.element_ty), mask=(offs[:, None] < end) & (offs_d[None, :] < D))
 
 
+@triton.jit
+def _key_tile(q, k_base, v_base, km_base, skt, svt, n0, offs_d, hi, band_lo, band_hi, qk_scale2,
+              HAS_KM: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """Keys n0 .. n0 + BLOCK_N - 1 against a block of queries: k and v (zeros past `hi`), the scores in
+    base-2 units, and which (query, key) pairs are visible (in the query's band, and a real key)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    k = _load_rows(k_base, skt, offs_n, offs_d, hi, D)  # (BLOCK_N, BLOCK_D)
+    v = _load_rows(v_base, svt, offs_n, offs_d, hi, D)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale2  # (BLOCK_M, BLOCK_N)
+    vis = (offs_n[None, :] >= band_lo[:, None]) & (offs_n[None, :] < band_hi[:, None])
+    if HAS_KM:
+        vis = vis & (tl.load(km_base + offs_n, mask=offs_n < hi, other=0) != 0)[None, :]
+    return k, v, s, vis
+
+
 # ---------------------------------------------------------------------------------------------- forward
 
 
@@ -142,9 +158,7 @@ def _local_fwd_kernel(Q, K, V, KM, O, LSE2,
                       CAUSAL: tl.constexpr, HAS_KM: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    bh, b, h = batch_head(H)
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -159,13 +173,8 @@ def _local_fwd_kernel(Q, K, V, KM, O, LSE2,
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, skt, offs_n, offs_d, hi, D)  # (BLOCK_N, BLOCK_D)
-        v = _load_rows(v_base, svt, offs_n, offs_d, hi, D)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale2  # (BLOCK_M, BLOCK_N)
-        vis = (offs_n[None, :] >= band_lo[:, None]) & (offs_n[None, :] < band_hi[:, None])
-        if HAS_KM:
-            vis = vis & (tl.load(km_base + offs_n, mask=offs_n < hi, other=0) != 0)[None, :]
+        k, v, s, vis = _key_tile(q, k_base, v_base, km_base, skt, svt, n0, offs_d, hi, band_lo, band_hi,
+                                 qk_scale2, HAS_KM, D, BLOCK_N, PRECISION)
         s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing seen yet: no NaN
@@ -195,9 +204,7 @@ def _local_bwd_dq_kernel(Q, K, V, KM, O, DO, DQ, LSE2, DELTA,
     """dq of BLOCK_M queries; also writes delta = rowsum(dO * O) of its rows for the dk/dv launch.
     DQ has the layout of O (strides sob, sot, soh)."""
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    bh, b, h = batch_head(H)
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -217,13 +224,8 @@ def _local_bwd_dq_kernel(Q, K, V, KM, O, DO, DQ, LSE2, DELTA,
 
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, skt, offs_n, offs_d, hi, D)
-        v = _load_rows(v_base, svt, offs_n, offs_d, hi, D)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale2  # (BLOCK_M, BLOCK_N)
-        vis = (offs_n[None, :] >= band_lo[:, None]) & (offs_n[None, :] < band_hi[:, None])
-        if HAS_KM:
-            vis = vis & (tl.load(km_base + offs_n, mask=offs_n < hi, other=0) != 0)[None, :]
+        k, v, s, vis = _key_tile(q, k_base, v_base, km_base, skt, svt, n0, offs_d, hi, band_lo, band_hi,
+                                 qk_scale2, HAS_KM, D, BLOCK_N, PRECISION)
         p = tl.math.exp2(tl.where(vis, s - lse2[:, None], float("-inf")))
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -240,9 +242,7 @@ def _local_bwd_dkdv_kernel(Q, K, V, KM, DO, DK, DV, LSE2, DELTA,
     """dk, dv of BLOCK_N keys, summed over the query blocks that can see them; tiles are transposed
     (keys on rows) so no (BLOCK_M, BLOCK_N) tile is ever transposed. DK, DV have O's layout."""
     pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    bh, b, h = batch_head(H)
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
