@@ -12,6 +12,7 @@ import workloads.distill as distill
 import workloads.lm as lm
 from attention.config import ConfigError
 from orchestrator.spec import param_space, validate
+from workloads.common.checkpoint import load
 from workloads.common.cli import merge
 from workloads.common.report import LocalReporter
 
@@ -59,7 +60,7 @@ def test_student_starts_from_the_teacher_weights(teacher_dir):
     checkpoint, _ = teacher_dir
     task, _ = distill.build_task(_config("distill", checkpoint))
     student = task.build_model()
-    teacher = torch.load(checkpoint / "state.pt", weights_only=False)["model"]
+    teacher = load(checkpoint / "state.pt")["model"]
     own = student.state_dict()
     for name in ("body.blocks.0.mixer.qkv.to_q.weight", "body.blocks.0.mixer.qkv.to_kv.weight",
                  "body.blocks.0.mixer.to_out.weight", "tok.weight", "head.weight"):
@@ -117,8 +118,8 @@ def test_best_softmax_trial_of_a_sweep_is_found_in_mlflow(teacher_dir, tmp_path)
         children[name] = run.run_id
     ref = find_best_teacher(uri, "softmax", dest=str(tmp_path / "dl"))
     assert ref.run_id == children["good"] and ref.value == pytest.approx(3.1)
-    assert torch.load(ref.checkpoint, weights_only=False)["model"].keys() == \
-        torch.load(checkpoint / "state.pt", weights_only=False)["model"].keys()
+    assert load(ref.checkpoint)["model"].keys() == \
+        load(checkpoint / "state.pt")["model"].keys()
     overrides = distill_overrides(ref)
     assert overrides["distill"]["teacher_heads"] == 4 and overrides["data"] == {"seq_len": 32}
     task, _ = distill.build_task(merge(_config("distill"), overrides))  # loads the downloaded teacher

@@ -11,6 +11,7 @@ import torch
 
 from attention.config import ConfigError
 from attention.lora import LoRALinear
+from workloads.common import checkpoint as checkpoint_file
 from workloads.common.cli import merge
 from workloads.common.images import apply_variant
 from workloads.common.report import LocalReporter
@@ -134,7 +135,7 @@ def test_base_from_an_image_workload_checkpoint(tmp_path):
                           "lora": {"mode": "full"}})
     task, _ = build_task(config)
     model = task.build_model()
-    saved = torch.load(checkpoint, weights_only=False)["model"]
+    saved = checkpoint_file.load(checkpoint)["model"]
     assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
     assert task.start_metrics["start/acc_plain"] == pytest.approx(image_result["val/acc"])
 

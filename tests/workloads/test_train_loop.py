@@ -2,13 +2,17 @@
 bad config values fail naming the field."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 
 from attention.config import ConfigError
+from workloads.common import scratch
 from workloads.common.cli import merge
 from workloads.common.report import LocalReporter
-from workloads.common.train import TrainConfig
+from workloads.common.train import TrainConfig, TrainingDiverged
 from workloads.lm import DEFAULTS, SMOKE, build_task, train_fn_per_worker
 
 
@@ -72,3 +76,47 @@ def test_bad_values_name_the_field(section, values, field):
 
 def test_train_config_defaults_are_valid():
     TrainConfig()
+
+
+def test_a_diverging_run_stops_at_the_first_non_finite_loss(tmp_path):
+    # a weight decay that multiplies every weight by about -1e35 at the first step: the next loss is NaN
+    reporter = LocalReporter(tmp_path, quiet=True)
+    with pytest.raises(TrainingDiverged, match="diverged at step 2: train/loss = nan") as error:
+        train_fn_per_worker(_config(steps=50, weight_decay=1e38, log_every=1), reporter=reporter)
+    assert (error.value.step, error.value.metric) == (2, "train/loss")
+    assert [h["step"] for h in reporter.history] == [1]  # nothing after it was trained or reported
+
+
+def test_the_workload_cli_reports_divergence_without_a_traceback(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "workloads.lm", "--smoke", "--train", "weight_decay=1e38",
+                          "--run-dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and "error: training diverged at step 2" in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+
+
+def test_a_checkpoint_on_its_way_to_a_stopping_reporter_is_removed(tmp_path, monkeypatch):
+    """A scheduler stops a trial by raising out of its reporter: the checkpoint the loop made is removed."""
+    monkeypatch.setenv("ATTNLAB_SCRATCH", str(tmp_path / "scratch"))
+
+    class Stop(Exception):
+        pass
+
+    class StoppingReporter(LocalReporter):
+        def report(self, metrics, step, checkpoint_dir=None):
+            if checkpoint_dir:
+                raise Stop
+            super().report(metrics, step, checkpoint_dir)
+
+    with pytest.raises(Stop):
+        train_fn_per_worker(_config(steps=12), reporter=StoppingReporter(tmp_path / "run", quiet=True))
+    assert list((tmp_path / "scratch").iterdir()) == []
+
+
+def test_scratch_folders_of_dead_processes_are_removed(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNLAB_SCRATCH", str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = tmp_path / f"{dead.stdout.strip()}-best-abc"
+    orphan.mkdir()
+    mine = scratch.make("best")
+    assert not orphan.exists() and os.path.isdir(mine)
+    assert scratch.remove_orphans() == [] and os.path.isdir(mine)  # a live process keeps its own

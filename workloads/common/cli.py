@@ -8,9 +8,10 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from attention.config import ConfigError
 from workloads.common.report import LocalReporter
 
-SECTIONS = ("attn", "model", "train", "data", "lora")
+SECTIONS = ("attn", "model", "train", "data", "lora", "distill")
 
 
 def _value(text: str) -> Any:
@@ -69,9 +70,16 @@ def main(name: str, defaults: Mapping[str, Any], smoke: Mapping[str, Any],
     if args.seed is not None:
         override["seed"] = args.seed
     config = merge(config, override)
+    from workloads.common.train import TrainingDiverged  # torch: not for the orchestrator's import of merge
+
     reporter = LocalReporter(args.run_dir)
     (reporter.run_dir / "config.json").write_text(json.dumps(config, indent=2))
     print(f"config: {json.dumps(config)}\nrun dir: {reporter.run_dir}", flush=True)
-    result = train_fn(config, reporter=reporter)
+    try:
+        result = train_fn(config, reporter=reporter)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None  # exit status 1, the message and no traceback
+    except TrainingDiverged as e:
+        raise SystemExit(f"error: {e}; the last checkpoint before it is in {reporter.run_dir}") from None
     print("final: " + json.dumps(result), flush=True)
     return result

@@ -14,7 +14,6 @@ import random
 import resource
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,10 +23,20 @@ import torch
 from torch import nn
 
 from attention.config import ConfigError
+from workloads.common import checkpoint, scratch
 from workloads.common.config import require
 from workloads.common.report import Reporter
 
 PRECISIONS = ("auto", "fp32", "bf16")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite. Nothing after it can be trusted (the weights are poisoned), so the
+    loop stops at once; a sweep marks the trial diverged and goes on with the others."""
+
+    def __init__(self, step: int, metric: str, value: float):
+        super().__init__(f"training diverged at step {step}: {metric} = {value}")
+        self.step, self.metric, self.value = step, metric, value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,21 +125,6 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
@@ -151,11 +145,11 @@ def fit(task: Task, cfg: TrainConfig, reporter: Reporter, seed: int = 0,
     start_step = 0
     resume_dir = reporter.resume_checkpoint_dir()
     if resume_dir:
-        state = torch.load(Path(resume_dir) / "state.pt", map_location=device, weights_only=False)
+        state = checkpoint.load(Path(resume_dir) / "state.pt", "resume checkpoint", map_location=device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
+        checkpoint.set_rng_state(state["rng"])
         start_step = state["step"]
     if torch.distributed.is_available() and torch.distributed.is_initialized() and reporter.world_size > 1:
         ids = [device] if device.type == "cuda" else None
@@ -184,6 +178,8 @@ def fit(task: Task, cfg: TrainConfig, reporter: Reporter, seed: int = 0,
             (loss / cfg.grad_accum).backward()
             loss_sum += loss.item() / cfg.grad_accum
             items += n
+        if not _finite_everywhere(loss_sum, device, reporter):
+            raise TrainingDiverged(step + 1, "train/loss", loss_sum)
         if cfg.grad_clip > 0:
             nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
@@ -217,14 +213,29 @@ def fit(task: Task, cfg: TrainConfig, reporter: Reporter, seed: int = 0,
             with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 last_eval = task.evaluate(_unwrap(model), device)
             metrics.update(last_eval)
+            if not math.isfinite(last_eval.get("val/loss", 0.0)):
+                raise TrainingDiverged(done, "val/loss", last_eval["val/loss"])
             if reporter.rank == 0:
                 checkpoint_dir = _save_checkpoint(model, optimizer, scheduler, done)
-        reporter.report(metrics, done, checkpoint_dir)
-        if checkpoint_dir:  # the reporter copied or uploaded it synchronously
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        try:
+            reporter.report(metrics, done, checkpoint_dir)
+        finally:  # the reporter copied or uploaded it synchronously, or is stopping the trial
+            if checkpoint_dir:
+                shutil.rmtree(checkpoint_dir, ignore_errors=True)
     if bar is not None:
         bar.close()
     return last_eval
+
+
+def _finite_everywhere(loss: float, device: torch.device, reporter: Reporter) -> bool:
+    """Whether the step's loss is finite on every worker. Data-parallel workers must agree: one that left
+    alone would leave the others waiting in the next gradient all-reduce."""
+    finite = math.isfinite(loss)
+    if reporter.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        flag = torch.tensor([0.0 if finite else 1.0], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        finite = flag.item() == 0.0
+    return finite
 
 
 def _aux_metrics(model: nn.Module) -> dict[str, float]:
@@ -239,9 +250,9 @@ def _aux_metrics(model: nn.Module) -> dict[str, float]:
 
 
 def _save_checkpoint(model, optimizer, scheduler, step: int) -> str:
-    """A fresh directory holding everything needed to continue exactly from `step`."""
-    directory = tempfile.mkdtemp(prefix=f"ckpt-{step:07d}-")
+    """A fresh scratch directory holding everything needed to continue exactly from `step`."""
+    directory = scratch.make(f"ckpt{step:07d}")
     torch.save({"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": _rng_state(), "step": step},
+                "scheduler": scheduler.state_dict(), "rng": checkpoint.rng_state(), "step": step},
                Path(directory) / "state.pt")
     return directory

@@ -26,6 +26,7 @@ from torch import nn
 
 from attention import make_config
 from attention.config import ConfigError
+from workloads.common import checkpoint
 from workloads.common.config import require
 from workloads.common.report import Reporter
 from workloads.common.text import VOCAB
@@ -75,8 +76,7 @@ def checkpoint_file(path: str) -> Path:
 
 
 def load_state(path: str) -> dict[str, torch.Tensor]:
-    # Our own training loop's checkpoint (it holds RNG states, hence weights_only=False).
-    state = torch.load(checkpoint_file(path), map_location="cpu", weights_only=False)
+    state = checkpoint.load(checkpoint_file(path), "distill.teacher_checkpoint")
     return state["model"] if "model" in state else state
 
 

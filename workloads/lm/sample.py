@@ -15,13 +15,14 @@ from pathlib import Path
 
 import torch
 
+from workloads.common.checkpoint import UnsafeCheckpoint, load
 from workloads.lm import build_task
 
 
 def load_model(config: dict, checkpoint: Path):
     task, _ = build_task(config, validate_only=True)
     model = task.build_model()
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = load(checkpoint, "--checkpoint")
     model.load_state_dict(state["model"])
     return model.eval()
 
@@ -40,7 +41,10 @@ def main(argv: list[str] | None = None) -> str:
     ckpt = args.checkpoint or (args.run_dir / "checkpoint" / "state.pt" if args.run_dir else None)
     if config_path is None or ckpt is None:
         p.error("give --run-dir, or --config and --checkpoint")
-    model = load_model(json.loads(config_path.read_text()), ckpt)
+    try:
+        model = load_model(json.loads(config_path.read_text()), ckpt)
+    except UnsafeCheckpoint as e:
+        raise SystemExit(f"error: {e}") from None
     prompt = torch.tensor([list(args.prompt.encode("utf-8"))], dtype=torch.long)
     budget = model.max_len - prompt.shape[1] if model.recurrent else args.tokens
     t0 = time.perf_counter()

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from attention.lora import LoRAConfig, freeze_base, inject_lora
+from workloads.common import checkpoint
 from workloads.common.config import require
 from workloads.common.images import CLASSES, SHAPES, ImageSplits, load_images
 from workloads.common.report import Reporter
@@ -94,8 +95,7 @@ class _KeepLastModel(Reporter):
     def report(self, metrics, step, checkpoint_dir=None):
         self.metrics = metrics
         if checkpoint_dir:  # read now: the loop deletes the directory when report returns
-            state = torch.load(Path(checkpoint_dir) / "state.pt", map_location="cpu", weights_only=False)
-            self.state = state["model"]
+            self.state = checkpoint.load(Path(checkpoint_dir) / "state.pt")["model"]
 
 
 class LoRATask(ImageTask):
@@ -176,7 +176,7 @@ class LoRATask(ImageTask):
     def _load_checkpoint(self, path: Path) -> dict[str, torch.Tensor]:
         if not path.is_file():
             raise FileNotFoundError(f"model.base_checkpoint: {str(path)!r} is not a file")
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = checkpoint.load(path, "model.base_checkpoint")
         state = state.get("model", state)  # a training checkpoint (state.pt) or a bare state dict
         expected = ViT(self.attn, self.model_cfg.vit(), SHAPES[self.data.dataset], CLASSES).state_dict()
         missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
