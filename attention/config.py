@@ -15,6 +15,25 @@ class ConfigError(ValueError):
     """A config field has a value that is not allowed. The message names field, value and rule."""
 
 
+def closest(names: Iterable[str], allowed: Iterable[str]) -> str:
+    """' (did you mean 'lr'?)' for the first of `names` that is a likely typo of an allowed name, else ''."""
+    import difflib
+
+    allowed = list(allowed)
+    for name in names:
+        match = difflib.get_close_matches(str(name), allowed, n=1, cutoff=0.6)
+        if match:
+            return f" (did you mean {match[0]!r}?)"
+    return ""
+
+
+def unknown_names(where: str, unknown: Iterable[str], allowed: Iterable[str]) -> ConfigError:
+    """The error for names that are not allowed: which, the closest allowed one, and the allowed list."""
+    unknown, allowed = sorted(unknown), list(allowed)
+    return ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}{closest(unknown, allowed)}; "
+                       f"allowed: {', '.join(allowed)}")
+
+
 def _where(cfg: Any, name: str) -> str:
     method = getattr(cfg, "method", None) or type(cfg).__name__
     return f"{method}.{name}"
@@ -99,6 +118,5 @@ class MethodConfig:
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(values) - set(names))
         if unknown:
-            raise ConfigError(
-                f"{cls.method}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(names)}")
+            raise unknown_names(cls.method, unknown, names)
         return cls(**values)

@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from attention.config import ConfigError, MethodConfig
+from attention.config import ConfigError, MethodConfig, closest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +69,8 @@ def methods() -> list[str]:
 def get(name: str) -> MethodSpec:
     _discover()
     if name not in _REGISTRY:
-        raise ConfigError(f"unknown attention method {name!r}; allowed: {', '.join(methods())}")
+        raise ConfigError(f"unknown attention method {name!r}{closest([name], methods())}; "
+                          f"allowed: {', '.join(methods())}")
     return _REGISTRY[name]
 
 

@@ -9,7 +9,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from attention.config import ConfigError
+from attention.config import ConfigError, unknown_names
 
 
 def section_from_dict(cls: type, values: Mapping[str, Any] | None, section: str):
@@ -17,7 +17,7 @@ def section_from_dict(cls: type, values: Mapping[str, Any] | None, section: str)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(names))
     if unknown:
-        raise ConfigError(f"{section}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(names)}")
+        raise unknown_names(section, unknown, names)
     try:
         return cls(**values)
     except ConfigError:
