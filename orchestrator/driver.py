@@ -23,7 +23,9 @@ import time
 from typing import Any
 
 from orchestrator.trial_tracking import TrialTracking
+from workloads.common import scratch
 from workloads.common.report import RayTrainReporter, Reporter
+from workloads.common.train import TrainingDiverged
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +43,7 @@ class SweepContext:
     quality_metric: str
     quality_mode: str
     max_failures: int = 2
-    finished_trials: frozenset[str] = frozenset()  # resumed sweep: trials whose run had finished
+    done_trials: frozenset[str] = frozenset()  # resumed sweep: finished, stopped early or diverged
 
 
 class MlflowLogging:
@@ -118,7 +120,7 @@ class InlineReporter(MlflowLogging, Reporter):
             self.best_value = self.sign * metrics[self.metric]
             if self.best_dir:
                 shutil.rmtree(self.best_dir, ignore_errors=True)
-            self.best_dir = tempfile.mkdtemp(prefix="best-")
+            self.best_dir = scratch.make("best")
             shutil.copytree(checkpoint_dir, self.best_dir, dirs_exist_ok=True)
         checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         tune.report({**metrics, "step": step}, checkpoint=checkpoint)
@@ -162,32 +164,57 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     run_id = loop_config["run_id"]
     reporter = TrainWorkerReporter(TrialTracking(loop_config["tracking_uri"], lambda client: run_id),
                                    loop_config["started_at"])
-    with reporter.tracking or contextlib.nullcontext():  # rank 0 tracks
-        _run_workload(loop_config["config"], reporter)
+    try:
+        with reporter.tracking or contextlib.nullcontext():  # rank 0 tracks
+            _run_workload(loop_config["config"], reporter)
+    except TrainingDiverged as e:  # every rank sees it (the check is collective): none is retried
+        if reporter.tracking is not None:
+            from orchestrator import tracking
+
+            tracking.set_tags(reporter.tracking.client, run_id, {
+                "diverged": "true", "diverged_at_step": str(e.step), "diverged_metric": e.metric})
 
 
 def open_child_run(client, config: dict[str, Any], ctx: SweepContext, trial_id: str) -> tuple[str, bool]:
-    """(run id, already finished) of the trial's child run, created with its resolved config."""
+    """(run id, ended already) of the trial's child run, created with its resolved config. A trial that
+    ended before a resume (finished, stopped early, diverged) keeps its run as it is."""
     from orchestrator import tracking
     from orchestrator.spec import resolved
 
     full = resolved(config)  # every knob, defaults included: what the trial really ran with
+    done = trial_id in ctx.done_trials
     run_id, finished = tracking.get_or_create_child_run(client, ctx.parent_run_id, trial_id, full,
-                                                        int(config.get("seed", 0)))
+                                                        int(config.get("seed", 0)), revive=not done)
+    finished = finished or done
     if not finished:
         client.log_dict(run_id, full, "config.json")
     return run_id, finished
 
 
-def _report_finished(client, run_id: str) -> None:
-    """The trial finished before an interruption that Tune's saved state did not see: it is not run
-    again; Tune gets its final metrics back from MLflow (Tune requires a result with the metric)."""
+def _report_finished(client, run_id: str, ctx: SweepContext) -> None:
+    """The trial ended (finished, stopped early, diverged) before an interruption that Tune's saved state
+    did not see: it is not run again; Tune gets its final metrics back from MLflow (Tune requires a
+    result with the metric: one that never reached it counts as the worst)."""
     from ray import tune
 
     from orchestrator import tracking
 
-    metrics = client.get_run(run_id).data.metrics
+    metrics = {ctx.quality_metric: _worst(ctx.quality_mode), **client.get_run(run_id).data.metrics}
     tune.report({**metrics, "step": max(0, tracking.last_logged_step(client, run_id))})
+
+
+def _worst(mode: str) -> float:
+    return float("inf") if mode == "min" else float("-inf")
+
+
+def mark_diverged(client, run_id: str, error: TrainingDiverged) -> None:
+    """Tag the run (`diverged`, the step and the metric that went non-finite) and close it FAILED."""
+    from orchestrator import tracking
+
+    tracking.set_tags(client, run_id, {"diverged": "true", "diverged_at_step": str(error.step),
+                                       "diverged_metric": error.metric})
+    client.set_terminated(run_id, status="FAILED")
+    print(f"attnlab: trial run {run_id}: {error}; stopped, the others go on", flush=True)
 
 
 _trials_in_process = 0
@@ -213,11 +240,11 @@ def run_trial_inline(config: dict[str, Any], ctx: SweepContext) -> None:
 
     started_at = time.time()
     trial_id = tune.get_context().get_trial_id()
-    if trial_id in ctx.finished_trials:  # a resumed sweep: this trial's run had finished already
+    if trial_id in ctx.done_trials:  # a resumed sweep: this trial had ended already
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(ctx.tracking_uri)
-        return _report_finished(client, open_child_run(client, config, ctx, trial_id)[0])
+        return _report_finished(client, open_child_run(client, config, ctx, trial_id)[0], ctx)
     tracker = TrialTracking(ctx.tracking_uri, lambda client: open_child_run(client, config, ctx, trial_id)[0])
     reporter = InlineReporter(tracker, started_at, ctx.quality_metric, ctx.quality_mode)
     if _first_trial_in_process():  # a new actor: how long its process took to reach the trial
@@ -228,6 +255,10 @@ def run_trial_inline(config: dict[str, Any], ctx: SweepContext) -> None:
                 _run_workload(config, reporter)
         except StopTrial:
             return  # the sweep closes stopped trials' runs from Tune's record
+        except TrainingDiverged as e:  # not retried: the same seed diverges again
+            mark_diverged(tracker.client, tracker.run_id, e)
+            tune.report({ctx.quality_metric: _worst(ctx.quality_mode), "step": e.step, "diverged": 1.0})
+            return
         if reporter.best_dir and not _stop_requested():
             tracker.client.log_artifacts(tracker.run_id, reporter.best_dir, artifact_path="best_checkpoint")
         tracker.client.set_terminated(tracker.run_id, status="FINISHED")
@@ -249,7 +280,7 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
     client, trial_id = MlflowClient(ctx.tracking_uri), tune.get_context().get_trial_id()
     run_id, finished = open_child_run(client, config, ctx, trial_id)
     if finished:
-        return _report_finished(client, run_id)
+        return _report_finished(client, run_id, ctx)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": config, "tracking_uri": ctx.tracking_uri, "run_id": run_id,
@@ -271,6 +302,9 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
     # An exception here may be Tune stopping the trial (ASHA), not a failure: the sweep closes the runs
     # of trials that did not finish, from Tune's own record of how each ended.
     result = trainer.fit()
+    if client.get_run(run_id).data.tags.get("diverged") == "true":
+        client.set_terminated(run_id, status="FAILED")
+        return
     best = result.best_checkpoints[0][0] if result.best_checkpoints else result.checkpoint
     if best is not None:
         log_checkpoint(client, run_id, best.path)

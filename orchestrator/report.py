@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
-from orchestrator import tracking
+from orchestrator import locations, tracking
 
 COLUMNS = ("trial", "method", "knobs", "quality", "best", "tokens/s", "peak MiB", "trainable", "status")
 
@@ -53,12 +54,23 @@ def trial_rows(client: MlflowClient, parent_run_id: str) -> list[dict[str, Any]]
             "tokens/s": m.get("perf/tokens_per_s", float("nan")),
             "peak MiB": m.get("perf/peak_mem_mib", float("nan")),
             "trainable": int(m.get("params/trainable", 0)),
-            "status": "stopped (ASHA)" if run.data.tags.get("stopped_early") == "true" else run.info.status,
+            "status": _status(run, max((h.step for h in history), default=0)),
             "steps": max((h.step for h in history), default=0),
             "run_id": run.info.run_id,
         })
     sign = 1 if mode == "min" else -1
     return sorted(rows, key=lambda r: (math.isnan(r["best"]), sign * r["best"]))
+
+
+def _status(run, last_step: int) -> str:
+    tags = run.data.tags
+    if tags.get("diverged") == "true":
+        return f"diverged @ {tags.get('diverged_at_step', '?')}"
+    if tags.get("stopped_early") == "true":
+        return f"stopped (ASHA) @ {tags.get('stopped_at_step', '?')}"
+    if tags.get("interrupted") == "true":
+        return f"interrupted @ {last_step}"
+    return run.info.status
 
 
 def print_table(rows: list[dict[str, Any]], title: str) -> None:
@@ -138,12 +150,20 @@ def report(client: MlflowClient, parent_run_id: str, log: bool = True) -> list[d
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m orchestrator.report")
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.report",
+                                     description="Print a sweep's comparison table from MLflow (reads only).")
     parser.add_argument("sweep", help="sweep name; the latest run of it is reported")
-    parser.add_argument("--tracking-uri", default=None)
+    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+                        help="MLflow tracking URI (default: the sweep's default, ./runs/mlflow.db)")
     parser.add_argument("--sweep-id", default=None, help="a specific sweep run (its MLflow run name)")
+    parser.add_argument("--log", action="store_true",
+                        help="also log the table and plots again as artifacts of the sweep's parent run")
     args = parser.parse_args(argv)
-    uri = args.tracking_uri or tracking.default_tracking_uri(Path("runs"))
+    uri = locations.resolve(args.tracking_uri, "unused").tracking_uri
+    db = locations.sqlite_path(uri)
+    if db is not None and not db.exists():  # opening it would create an empty store here
+        print(f"error: no MLflow store at {db} (give --tracking-uri)", file=sys.stderr)
+        return 2
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(args.sweep)
     if exp is None:
@@ -155,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     if not parents:
         print(f"error: no run of sweep {args.sweep!r} found", file=sys.stderr)
         return 2
-    report(client, parents[0].info.run_id)
+    report(client, parents[0].info.run_id, log=args.log)
     return 0
 
 

@@ -36,7 +36,7 @@ def plan(cluster: dict[str, float], workers: int, gpus_per_trial: float, cpus_pe
     if gpus_per_trial < 0:
         raise ConfigError(f"--gpus-per-trial: must be >= 0, got {gpus_per_trial}")
     if gpus_per_trial > gpus:
-        raise ConfigError(f"--gpus-per-trial: {gpus_per_trial} asked for, the cluster has {gpus:g} GPUs")
+        raise ConfigError(f"--gpus-per-trial: {gpus_per_trial:g} asked for, the cluster has {gpus:g} GPUs")
     if workers * cpus_per_worker > cpus:
         raise ConfigError(f"--workers-per-trial: {workers} workers x {cpus_per_worker:g} CPU need more than "
                           f"the cluster's {cpus:g} CPUs")
@@ -48,3 +48,22 @@ def plan(cluster: dict[str, float], workers: int, gpus_per_trial: float, cpus_pe
             raise ConfigError(f"--max-concurrent: must be >= 1, got {max_concurrent}")
         fits = min(fits, max_concurrent)
     return TrialResources(workers, cpus_per_worker, gpus_per_trial / workers, max(1, fits))
+
+
+def parse_capacity(items: list[str]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or name not in ("CPU", "GPU") or out[name] < 0:
+            raise ConfigError(f"--capacity: expected CPU=N or GPU=N with N >= 0, got {item!r}")
+    return out
+
+
+def with_capacity(cluster: dict[str, float], items: list[str]) -> dict[str, float]:
+    """The cluster's resources now, or what it is declared to grow to, whichever is larger."""
+    declared = parse_capacity(items)
+    return {**cluster, **{k: max(cluster.get(k, 0.0), v) for k, v in declared.items()}}

@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import itertools
+import json
 import pkgutil
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from attention.config import ConfigError
+from attention.config import ConfigError, closest
 from workloads import WORKLOADS
 from workloads.common.cli import merge
 
@@ -45,7 +46,7 @@ def sweep_names() -> list[str]:
 def check_sweep_name(name: str) -> None:
     names = sweep_names()
     if name not in names:
-        raise ConfigError(f"sweep: unknown sweep {name!r}; allowed: {', '.join(names)}")
+        raise ConfigError(f"sweep: unknown sweep {name!r}{closest([name], names)}; allowed: {', '.join(names)}")
 
 
 def load_sweep(name: str) -> SweepSpec:
@@ -55,11 +56,53 @@ def load_sweep(name: str) -> SweepSpec:
 
 def workload_module(name: str):
     if name not in WORKLOADS:
-        raise ConfigError(f"workload: got {name!r}, allowed: {', '.join(WORKLOADS)}")
+        raise ConfigError(f"workload: got {name!r}{closest([name], WORKLOADS)}, allowed: {', '.join(WORKLOADS)}")
     try:
         return importlib.import_module(f"workloads.{name}")
     except ModuleNotFoundError as e:
         raise ConfigError(f"workload: {name!r} is not available in this installation ({e})") from e
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`--set` items (`train.steps=100`, `seed=1`; values in JSON, else strings) as a nested dict."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or "" in key.split("."):
+            raise ConfigError(f"--set: expected KEY=VALUE or SECTION.KEY=VALUE, got {item!r}")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set: {item!r} sets a field inside {part!r}, which is given a value too")
+            node = child
+        node[leaf] = parsed
+    return out
+
+
+def check_overrides(overrides: Mapping[str, Any], defaults: Mapping[str, Any], workload: str) -> None:
+    """Every top-level key of `--set` is one of the workload's sections (set field by field) or values
+    (`seed`): a typo in a section name would otherwise be ignored."""
+    sections = [k for k, v in defaults.items() if isinstance(v, Mapping)]
+    values = [k for k, v in defaults.items() if not isinstance(v, Mapping) and k != "workload"]
+    for key, value in overrides.items():
+        is_grid = isinstance(value, Mapping) and set(value) == {"grid_search"}
+        if key in sections and not isinstance(value, Mapping):
+            raise ConfigError(f"--set {key}: a section of workload {workload!r}; set its fields, "
+                              f"e.g. {key}.FIELD=VALUE")
+        if key in values and isinstance(value, Mapping) and not is_grid:
+            raise ConfigError(f"--set {key}.{next(iter(value), '')}: {key} is a value, not a section; "
+                              f"use --set {key}=VALUE")
+        if key == "workload":
+            raise ConfigError("--set workload: choose the workload with --workload")
+        if key not in sections and key not in values:
+            raise ConfigError(f"--set {key}: workload {workload!r} has no section or value {key!r}"
+                              f"{closest([key], sections + values)}; allowed: {', '.join(sections + values)}")
 
 
 def param_space(spec: SweepSpec, smoke: bool, workload: str | None = None,
@@ -67,6 +110,7 @@ def param_space(spec: SweepSpec, smoke: bool, workload: str | None = None,
     """The full Tune param_space: workload defaults < sweep base < --smoke < space < overrides."""
     name = workload or spec.workload
     module = workload_module(name)
+    check_overrides(overrides or {}, module.DEFAULTS, name)
     config = merge(module.DEFAULTS, spec.base)
     if smoke:
         config = merge(merge(config, module.SMOKE), spec.smoke)

@@ -20,10 +20,6 @@ if TYPE_CHECKING:  # MLflow itself is imported where it is used: importing it ta
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 
 
-def default_tracking_uri(root: Path) -> str:
-    return f"sqlite:///{(root / 'mlflow.db').resolve()}"
-
-
 def create_sqlite_store(tracking_uri: str) -> None:
     """Create a new sqlite tracking store whole: MLflow's schema migrations run on a file beside it,
     which is then renamed into place. Any process that opens the store while it is being created
@@ -97,9 +93,10 @@ def child_runs(client: MlflowClient, parent_run_id: str) -> list:
 
 
 def get_or_create_child_run(client: MlflowClient, parent_run_id: str, trial_id: str,
-                            config: Mapping[str, Any], seed: int) -> tuple[str, bool]:
+                            config: Mapping[str, Any], seed: int, revive: bool = True) -> tuple[str, bool]:
     """(run id, already finished): a retried or resumed trial finds its own run again instead of a new
-    one, and learns whether that run had already finished (then there is nothing left to do)."""
+    one, and learns whether that run had already finished (then there is nothing left to do). An
+    unfinished run found again is RUNNING once more (revive=False leaves it as it is)."""
     parent = client.get_run(parent_run_id)
     exp_id = parent.info.experiment_id
     query = f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.trial_id = '{trial_id}'"
@@ -108,7 +105,10 @@ def get_or_create_child_run(client: MlflowClient, parent_run_id: str, trial_id: 
         run_id = found[0].info.run_id
         if found[0].info.status == "FINISHED":
             return run_id, True
-        client.update_run(run_id, status="RUNNING")
+        if revive:
+            client.update_run(run_id, status="RUNNING")
+            if "interrupted" in found[0].data.tags:
+                client.delete_tag(run_id, "interrupted")
         return run_id, False
     attn = config.get("attn", {})
     tags = {"mlflow.parentRunId": parent_run_id, "trial_id": trial_id, "method": attn.get("method", ""),

@@ -37,7 +37,7 @@ def sweep_names(repo_root: Path = REPO_ROOT) -> tuple[str, ...]:
 
 def parse_sweep_command(entrypoint: str, names: tuple[str, ...]) -> argparse.Namespace:
     """Parse `python -m orchestrator.sweep NAME [options]` with the sweep CLI's own parser."""
-    from orchestrator.sweep import parse_args
+    from orchestrator.cli import parse_args
 
     argv = shlex.split(entrypoint)
     if argv[:1] not in (["python"], ["python3"]) or argv[1:3] != ["-m", "orchestrator.sweep"]:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import jsonschema
 import kubernetes_validate
+import pytest
 import yaml
 
 # libyaml parses the 60k lines of CRDs ~15x faster than the pure-Python loader.
@@ -25,10 +26,11 @@ YamlLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 K8S_DIR = REPO_ROOT / "k8s"
-# CI keeps the CRDs beside the repository (../shared/k8s/crds/); ATTNLAB_KUBERAY_CRDS overrides.
-CRD_DIR = Path(
-    os.environ.get("ATTNLAB_KUBERAY_CRDS", REPO_ROOT.parent / "shared" / "k8s" / "crds" / "kuberay-v1.7.0")
-)
+# KubeRay v1.7.0's CRDs (its released YAML files) validate the ray.io objects. A clone does not carry
+# them: ATTNLAB_KUBERAY_CRDS names their folder (CI's .ci/run sets it); without it those checks skip.
+CRD_DIR = Path(os.environ["ATTNLAB_KUBERAY_CRDS"]) if os.environ.get("ATTNLAB_KUBERAY_CRDS") else None
+CRD_SKIP_REASON = ("KubeRay v1.7.0 CRDs not available: set ATTNLAB_KUBERAY_CRDS to a folder holding their YAML "
+                   "files to validate the RayCluster/RayJob objects against them")
 # The oldest Kubernetes release the manifests are written for (KubeRay 1.7 supports it; kubectl here).
 KUBERNETES_VERSION = "1.32"
 OVERLAYS = tuple(sorted(p.parent.name for p in (K8S_DIR / "overlays").glob("*/kustomization.yaml")))
@@ -107,11 +109,10 @@ def strict_schema(schema: dict) -> dict:
 @functools.cache
 def crd_validators() -> dict[tuple[str, str], jsonschema.protocols.Validator]:
     """(apiVersion, kind) -> strict validator, for every served version of every KubeRay CRD."""
+    if CRD_DIR is None:
+        pytest.skip(CRD_SKIP_REASON)
     if not CRD_DIR.is_dir():
-        raise RuntimeError(
-            f"KubeRay CRDs not found at {CRD_DIR}: CI has them at ../shared/k8s/crds/kuberay-v1.7.0 "
-            "beside the repository (set ATTNLAB_KUBERAY_CRDS to another copy)."
-        )
+        raise RuntimeError(f"ATTNLAB_KUBERAY_CRDS={CRD_DIR} is not a folder")
     validators = {}
     for path in sorted(CRD_DIR.glob("*.yaml")):
         crd = yaml.load(path.read_text(), Loader=YamlLoader)
@@ -120,6 +121,10 @@ def crd_validators() -> dict[tuple[str, str], jsonschema.protocols.Validator]:
             schema = strict_schema(version["schema"]["openAPIV3Schema"])
             validators[(f"{group}/{version['name']}", kind)] = jsonschema.Draft7Validator(schema)
     return validators
+
+
+def is_ray_kind(obj: dict) -> bool:
+    return obj.get("apiVersion", "").startswith("ray.io/")
 
 
 def schema_errors(obj: dict) -> list[str]:

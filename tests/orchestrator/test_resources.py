@@ -35,7 +35,7 @@ def test_impossible_requests_fail_clearly(kwargs, field):
 
 
 def test_a_declared_capacity_sizes_an_autoscaling_cluster():
-    from orchestrator.sweep import with_capacity
+    from orchestrator.resources import with_capacity
 
     # a KubeRay cluster whose GPU workers have not started yet
     cluster = with_capacity({"CPU": 2.0}, ["CPU=64", "GPU=8"])
@@ -46,7 +46,7 @@ def test_a_declared_capacity_sizes_an_autoscaling_cluster():
 
 @pytest.mark.parametrize("item", ["TPU=4", "CPU=-1", "GPU", "CPU=many"])
 def test_bad_capacity_fails_clearly(item):
-    from orchestrator.sweep import parse_capacity
+    from orchestrator.resources import parse_capacity
 
     with pytest.raises(ConfigError, match="--capacity"):
         parse_capacity([item])

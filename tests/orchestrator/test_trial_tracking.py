@@ -95,3 +95,61 @@ print("mlflow" in sys.modules)
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.stdout.strip() == "False"
+
+
+def _mlflow_server(db: Path, port: int) -> subprocess.Popen:
+    mlflow = str(Path(sys.executable).with_name("mlflow"))
+    return subprocess.Popen([mlflow, "server", "--backend-store-uri", f"sqlite:///{db}", "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1"],
+                            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _wait_for(url: str, timeout: float = 180) -> None:
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2).close()
+            return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"mlflow server at {url} did not come up")
+
+
+@pytest.mark.slow
+def test_points_logged_while_the_mlflow_server_is_down_land_once_it_is_back(tmp_path):
+    """A real `mlflow server`, SIGKILLed while a trial logs and restarted 15 s later on the same port:
+    every point lands, none twice, and the training loop never waits on the dead server."""
+    import signal
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url, db = f"http://127.0.0.1:{port}", tmp_path / "server.db"
+    server = _mlflow_server(db, port)
+    try:
+        _wait_for(url)
+        client = MlflowClient(url)
+        run_id = client.create_run(client.create_experiment("t")).info.run_id
+        tracker = TrialTracking(url, lambda c: run_id, system_metrics=False)
+        tracker.start()
+        for step in range(1, 6):
+            tracker.log_metrics({"train/loss": float(step)}, step)
+        tracker.flush()
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+        started = time.time()
+        for step in range(6, 31):  # the loop goes on while nothing answers
+            tracker.log_metrics({"train/loss": float(step)}, step)
+        assert time.time() - started < 1.0
+        time.sleep(15)
+        server = _mlflow_server(db, port)
+        _wait_for(url)
+        tracker.close()
+        steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
+        assert sorted(steps) == list(range(1, 31))
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
