@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attention.homm.config import HoMMConfig
-from attention.homm.ops import MomentState, expand_moments, init_moment_state, moment_mix, moment_step
+from attention.homm.ops import MomentState, expand_moments, homm_mix, init_moment_state, moment_step
 from attention.layers import zero_padded
 
 
@@ -34,8 +34,9 @@ class HoMM(nn.Module):
                 context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None):
         source = x if context is None else context
         key_mask = mask if context is None else context_mask
-        mixed = moment_mix(self.moments(source), torch.sigmoid(self.to_select(x)),
-                           causal=self.cfg.causal and context is None, key_mask=key_mask)  # (B, T, F)
+        mixed = homm_mix(self.to_moments(source), self.to_select(x), self.cfg.order,
+                         causal=self.cfg.causal and context is None, key_mask=key_mask,
+                         backend=self.cfg.backend)  # (B, T, F)
         return zero_padded(self.drop(self.to_out(mixed)), mask)
 
     def init_state(self, batch: int, device: torch.device | str | None = None,

@@ -9,6 +9,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
+
+from attention.backend import resolve
 
 
 class MomentState(NamedTuple):
@@ -52,6 +55,26 @@ def moment_mix(moments: torch.Tensor, select: torch.Tensor, *, causal: bool = Fa
         total, count = moments.sum(1, keepdim=True), weight.sum(1, keepdim=True)  # (B, 1, F), (B, 1)
     mean = total / count.clamp_min(1.0)[..., None]
     return (select.to(dtype) * mean).to(select.dtype)
+
+
+def homm_mix(hidden: torch.Tensor, select_logits: torch.Tensor, order: int, *, causal: bool = False,
+             key_mask: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """HoMM's whole mixing from the projections' pre-activations:
+    moment_mix(expand_moments(GELU(hidden), order), sigmoid(select_logits), causal, key_mask).
+
+    hidden: (B, S, order * E) (the moment projection, before GELU), select_logits: (B, T, order * E)
+    (the selection projection, before the sigmoid), key_mask: (B, S) bool. Returns (B, T, order * E).
+    backend (attention.backend.resolve): 'triton' runs the fused kernel (kernel.py: nothing per token
+    but the inputs and the output is stored, in forward or backward); 'auto' runs it on CUDA for
+    order <= 4 and float16/bfloat16/float32, the PyTorch composition otherwise; 'reference' always
+    runs the PyTorch composition."""
+    if resolve(backend, hidden) == "triton":
+        from attention.homm.kernel import homm_mix_triton, kernel_supports  # needs triton: lazy
+
+        if backend == "triton" or kernel_supports(hidden, select_logits, order):
+            return homm_mix_triton(hidden, select_logits, order, causal=causal, key_mask=key_mask)
+    return moment_mix(expand_moments(F.gelu(hidden), order), torch.sigmoid(select_logits), causal=causal,
+                      key_mask=key_mask)
 
 
 def init_moment_state(batch: int, width: int, *, device: torch.device | str | None = None,

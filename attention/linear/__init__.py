@@ -1,6 +1,6 @@
 """Linear attention (Katharopoulos et al. 2020), feature maps elu + 1, relu and Performer FAVOR+."""
 
-from attention.linear.chunked import LinearState, init_linear_state, linear_attention, linear_attention_step
+from attention.linear.chunked import LinearState, init_linear_state
 from attention.linear.config import LinearConfig
 from attention.linear.features import (
     FEATURE_MAPS,
@@ -13,6 +13,7 @@ from attention.linear.features import (
     relu_features,
 )
 from attention.linear.mixer import LinearAttention
+from attention.linear.ops import linear_attention, linear_attention_step
 from attention.linear.reference import linear_attention_reference
 from attention.registry import Capabilities, register
 

@@ -1,5 +1,6 @@
 import dataclasses
 
+from attention.backend import BACKENDS
 from attention.config import MethodConfig, check_choice, check_float, check_int
 
 
@@ -12,6 +13,7 @@ class LinearConfig(MethodConfig):
     redraw: Performer: draw a fresh projection every N training steps; 0 = never.
     chunk_size: tokens per chunk of the causal form (C x C products inside, a state across).
     eps: floor on the normaliser phi(q) . sum phi(k).
+    backend: 'auto' (the Triton kernel on CUDA where it applies), 'reference' (PyTorch) or 'triton'.
     """
 
     feature_map: str = "elu"
@@ -19,6 +21,7 @@ class LinearConfig(MethodConfig):
     redraw: int = 0
     chunk_size: int = 64
     eps: float = 1e-6
+    backend: str = "auto"
 
     def validate(self) -> None:
         super().validate()
@@ -27,3 +30,4 @@ class LinearConfig(MethodConfig):
         check_int(self, "redraw", min=0)
         check_int(self, "chunk_size", min=1)
         check_float(self, "eps", min=0.0, min_exclusive=True)
+        check_choice(self, "backend", BACKENDS)

@@ -4,9 +4,10 @@ import torch
 from torch import nn
 
 from attention.layers import QKVProjection, merge_heads, zero_padded
-from attention.linear.chunked import LinearState, init_linear_state, linear_attention, linear_attention_step
+from attention.linear.chunked import LinearState, init_linear_state
 from attention.linear.config import LinearConfig
 from attention.linear.features import PerformerFeatures
+from attention.linear.ops import linear_attention, linear_attention_step
 
 
 class LinearAttention(nn.Module):
@@ -31,7 +32,8 @@ class LinearAttention(nn.Module):
 
     def _op_args(self) -> dict:
         projection = self.features.projection if self.features is not None else None
-        return {"feature_map": self.cfg.feature_map, "eps": self.cfg.eps, "projection": projection}
+        return {"feature_map": self.cfg.feature_map, "eps": self.cfg.eps, "projection": projection,
+                "backend": self.cfg.backend}
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
                 context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None):
