@@ -13,6 +13,10 @@ token i is routed depends on the scores of later tokens. Two causal replacements
   autograd (indices and one scalar per window), so memory stays linear in T; the gates
   exp(min(s_i + a_n, 0) / eps) are rebuilt with autograd for the K selected tokens only, with a_n
   held constant (gradient reaches each selected token's own score).
+
+Backends (`backend`, attention.backend.resolve): on CUDA ('auto') both routers run their coordinate
+descent in one Triton launch over every window (router_kernel.py: the window duals with their exact
+backward, the prefix top-K and duals); the PyTorch code below is their reference, and the CPU path.
 """
 
 from __future__ import annotations
@@ -24,8 +28,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from attention.backend import resolve
 from attention.colt5.router import CONVERGENCE_TOL, FETCH_K_RATIO, routing_dtype, straight_through
-from attention.coor_descent.ops import unconverged_fraction
 from attention.coor_descent.reference import coor_descent_dual
 
 PREFIX_CHUNK_ELEMENTS = 1 << 22  # (windows x T) scores materialised at once by the prefix router
@@ -49,7 +53,7 @@ class CausalWindowRouter(nn.Module):
     def __init__(self, dim: int, window: int, *, n_iters: int, eps: float, eps_init: float | None,
                  eps_decay: float, backend: str = "auto"):
         super().__init__()
-        del backend  # the threshold needs the dual a, which only the reference returns
+        self.backend = backend
         self.window = window
         self.routing_token = nn.Parameter(torch.randn(1, dim))
         self.first_threshold = nn.Parameter(torch.zeros(()))  # a for window 0, which has no past
@@ -67,13 +71,14 @@ class CausalWindowRouter(nn.Module):
         valid = rearrange(F.pad(valid, (0, n * w - t), value=False), "b (n w) -> b n w", w=w)
         with torch.autocast(x.device.type, enabled=False):
             budget = valid.sum(-1).clamp(max=capacity).to(s.dtype)  # (B, N)
-            a, eps_final = coor_descent_dual(s, budget, self.n_iters, self.eps, self.eps_init,
-                                             self.eps_decay, valid)  # a: (B, N, 1)
+            a, eps_final, own_sum = self._duals(s, budget, valid)  # a: (B, N, 1)
             first = self.first_threshold.to(s.dtype).expand(b, 1, 1)
             a_prev = torch.cat([first, a[:, :-1]], dim=1)  # window n uses window n - 1's threshold
             y = torch.exp(torch.clamp(s + a_prev, max=0.0) / eps_final) * valid
-        own = torch.exp(torch.clamp(s + a, max=0.0) / eps_final) * valid  # each window's own fit
-        unconverged = unconverged_fraction(own, budget, CONVERGENCE_TOL * budget.clamp(min=1), valid)
+        with torch.no_grad():  # rows whose own fit misses the budget (rows with no candidate not counted)
+            counted = valid.any(-1)
+            missed = ((own_sum - budget).abs() > CONVERGENCE_TOL * budget.clamp(min=1)) & counted
+            unconverged = missed.sum() / counted.sum().clamp(min=1)
         candidate = y >= 0.5
         pos = torch.arange(w, device=x.device)
         # Position priority: candidates first, in order; argsort of a key that is unique per window.
@@ -83,6 +88,18 @@ class CausalWindowRouter(nn.Module):
         starts = (torch.arange(n, device=x.device) * w)[:, None]
         idx = (order + starts).masked_fill(~routed, t)
         return WindowRouted(idx, gates, routed, unconverged)
+
+    def _duals(self, s: torch.Tensor, budget: torch.Tensor, valid: torch.Tensor):
+        """Each window's dual a (B, N, 1), differentiable; eps_final; the row sums of its own fit."""
+        args = (self.n_iters, self.eps, self.eps_init, self.eps_decay)
+        if resolve(self.backend, s) == "triton" and s.dtype == torch.float32:
+            from attention.colt5.router_kernel import window_dual_triton  # needs triton: lazy
+
+            return window_dual_triton(s, valid, budget, *args)
+        a, eps_final = coor_descent_dual(s, budget, *args, valid)
+        with torch.no_grad():
+            own = torch.exp(torch.clamp(s + a, max=0.0) / eps_final) * valid
+        return a, eps_final, own.sum(-1)
 
 
 class PrefixRouted(NamedTuple):
@@ -95,7 +112,7 @@ class CausalPrefixRouter(nn.Module):
     def __init__(self, dim: int, num_routing_tokens: int, window: int, *, n_iters: int, eps: float,
                  eps_init: float | None, eps_decay: float, backend: str = "auto"):
         super().__init__()
-        del backend  # selection needs the dual a, which only the reference returns
+        self.backend = backend
         self.window = window
         self.routing_tokens = nn.Parameter(torch.randn(num_routing_tokens, dim))
         self.scale = dim ** -0.5
@@ -130,10 +147,17 @@ class CausalPrefixRouter(nn.Module):
         k = min(num_tokens, t)
         s = _scores(x, self.routing_tokens, self.scale)  # (B, R, T)
         valid = torch.ones(b, t, dtype=torch.bool, device=x.device) if mask is None else mask.bool()
-        valid = valid[:, None, :].expand_as(s)
-        idx, ok, a, eps_final = self._select(s.detach(), valid, n, k)
+        if resolve(self.backend, s) == "triton" and s.dtype == torch.float32:
+            from attention.colt5.router_kernel import prefix_route_triton  # needs triton: lazy
+
+            idx, a, eps_final = prefix_route_triton(s.detach(), valid, self.window, k, self.n_iters, self.eps,
+                                                    self.eps_init, self.eps_decay, FETCH_K_RATIO)
+            ok = idx < t
+        else:
+            idx, ok, a, eps_final = self._select(s.detach(), valid[:, None, :].expand_as(s), n, k)
         with torch.autocast(x.device.type, enabled=False):
             # Gather from (B, R, T), not an expanded (B, R, N, T): its backward would allocate N x T.
-            chosen = s.gather(-1, rearrange(idx, "b r n k -> b r (n k)")).view(idx.shape)  # (B, R, N, K)
+            flat = rearrange(idx, "b r n k -> b r (n k)").clamp(max=t - 1)
+            chosen = s.gather(-1, flat).view(idx.shape)  # (B, R, N, K)
             gates = straight_through(torch.exp(torch.clamp(chosen + a, max=0.0) / eps_final)) * ok
         return PrefixRouted(idx.masked_fill(~ok, t), gates, ok)

@@ -29,6 +29,8 @@ class Colt5Config(MethodConfig):
     light_ff_mult / heavy_ff_mult: hidden widths of the feed-forward branches (x dim).
     cross_attention: the mixer attends from x to routed tokens of `context`.
     backend: of the routers' coordinate descent and the light local attention ('auto' = Triton on CUDA).
+    cuda_graphs: the causal attention and feed-forward replay their forward (and backward) from per-shape
+    CUDA graphs on CUDA inputs without a padding mask (graphs.py); false = always eager.
     """
 
     num_routed_q: int = 64
@@ -51,6 +53,7 @@ class Colt5Config(MethodConfig):
     route_block_size: int = 0
     cross_attention: bool = False
     backend: str = "auto"
+    cuda_graphs: bool = True
 
     def validate(self) -> None:
         super().validate()
@@ -71,6 +74,7 @@ class Colt5Config(MethodConfig):
         check_float(self, "heavy_ff_mult", min=0.0, min_exclusive=True)
         check_bool(self, "route_ff")
         check_bool(self, "cross_attention")
+        check_bool(self, "cuda_graphs")
         check_choice(self, "backend", BACKENDS)
         heavy = self.heavy_heads or self.heads
         if heavy % self.num_kv_routing_tokens:

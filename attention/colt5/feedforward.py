@@ -9,7 +9,8 @@ from torch import nn
 
 from attention.colt5.causal_router import CausalWindowRouter
 from attention.colt5.config import Colt5Config
-from attention.colt5.router import CoordinateDescentRouter, gather_tokens, scatter_tokens
+from attention.colt5.graphs import GraphedForward
+from attention.colt5.router import CoordinateDescentRouter, add_tokens, gather_tokens
 from attention.layers import zero_padded
 
 
@@ -33,11 +34,10 @@ class _RoutedFeedForwardBase(nn.Module):
         self.aux: dict[str, torch.Tensor] = {}
 
     def _combine(self, x, idx, gates, mask):
-        """idx, gates: (B, K) routed positions (T = empty slot) -> light(x) + scattered heavy."""
+        """idx, gates: (B, K) routed positions (T = empty slot, gate 0) -> light(x) + heavy added at the
+        routed rows (one index_add; empty slots add zeros)."""
         heavy = self.heavy(gather_tokens(x, idx)) * gates[..., None].to(x.dtype)  # (B, K, dim)
-        light = self.light(x)
-        out = light + scatter_tokens(torch.zeros_like(light), idx, heavy)
-        return zero_padded(out, mask)
+        return zero_padded(add_tokens(self.light(x), idx, heavy), mask)
 
 
 class RoutedFeedForward(_RoutedFeedForwardBase):
@@ -61,8 +61,16 @@ class CausalRoutedFeedForward(_RoutedFeedForwardBase):
     def __init__(self, cfg: Colt5Config, dim: int):
         super().__init__(cfg, dim)
         self.router = CausalWindowRouter(dim, cfg.heavy_window, **cfg.router_kwargs())
+        self._graphs = GraphedForward(self)  # per-shape CUDA graphs (graphs.py), when cfg.cuda_graphs
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.cfg.cuda_graphs:
+            out = self._graphs(x, mask)
+            if out is not None:
+                return out
+        return self.forward_eager(x, mask)
+
+    def forward_eager(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         routed = self.router(x, self.cfg.window_routed_ff, mask)  # (B, N, C)
         self.aux = {"router_unconverged_ff": routed.unconverged, "router_load_ff": routed.mask.float().mean()}
         return self._combine(x, rearrange(routed.indices, "b n c -> b (n c)"),

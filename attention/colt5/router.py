@@ -27,13 +27,22 @@ class Routed(NamedTuple):
     unconverged: torch.Tensor  # scalar: fraction of coordinate-descent rows that missed their budget
 
 
-def gather_tokens(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """x: (B, T, ...), indices: (B, R, K) -> (B, R, K, ...), row b gathered from x[b] only.
+def _flat_rows(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Row numbers of x (B, T, ...) flattened to (B * T, ...) for per-sample indices (B, ...), clamped to
+    each sample's last row (empty slots, index T, read a real row and are gated 0)."""
+    b, t = x.shape[:2]
+    batch = (torch.arange(b, device=x.device) * t).view(-1, *([1] * (indices.ndim - 1)))
+    return (indices.clamp(max=t - 1) + batch).reshape(-1)
 
-    Indexing by an explicit batch index is what makes several routes safe with batch > 1 (the
-    original gathered multi-route tokens from the wrong batch element)."""
-    batch = torch.arange(x.shape[0], device=x.device).view(-1, *([1] * (indices.ndim - 1)))
-    return x[batch, indices.clamp(max=x.shape[1] - 1)]  # empty slots (index T) read a real row, gated 0
+
+def gather_tokens(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """x: (B, T, ...), indices: (B, ...) -> (B, ..., ...), row b gathered from x[b] only.
+
+    Indexing by an explicit batch offset is what makes several routes safe with batch > 1 (the
+    original gathered multi-route tokens from the wrong batch element). One index_select over the
+    flattened rows: its backward is one index_add, and no index tensor as large as the output."""
+    rows = x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]).index_select(0, _flat_rows(x, indices))
+    return rows.view(*indices.shape, *x.shape[2:])
 
 
 def scatter_tokens(base: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -41,10 +50,20 @@ def scatter_tokens(base: torch.Tensor, indices: torch.Tensor, values: torch.Tens
 
     Indices are unique per row except empty slots (index T), which land on a dropped extra row.
     Out of place, so autograd reaches both base (unrouted rows) and values."""
-    t = base.shape[1]
-    padded = F.pad(base, (0, 0, 0, 1))  # (B, T + 1, D): row T collects the empty slots
-    out = padded.scatter(1, indices[..., None].expand(-1, -1, base.shape[-1]), values.to(base.dtype))
-    return out[:, :t]
+    b, t, d = base.shape
+    padded = F.pad(base, (0, 0, 0, 1)).reshape(b * (t + 1), d)  # row T of each sample collects the empty slots
+    rows = (indices + (torch.arange(b, device=base.device) * (t + 1))[:, None]).reshape(-1)
+    out = padded.index_copy(0, rows, values.reshape(-1, d).to(base.dtype))
+    return out.view(b, t + 1, d)[:, :t]
+
+
+def add_tokens(base: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """base: (B, T, D) plus values (B, K, D) added at rows indices (B, K), out of place.
+
+    Empty slots (index T) must carry zero values: they are added to the sample's last row."""
+    b, t, d = base.shape
+    out = base.reshape(b * t, d).index_add(0, _flat_rows(base, indices), values.reshape(-1, d).to(base.dtype))
+    return out.view(b, t, d)
 
 
 def routing_dtype(x: torch.Tensor) -> torch.dtype:

@@ -4,8 +4,7 @@ import torch
 
 from attention.coor_descent.attention_reference import visible_keys
 from attention.coor_descent.config import CoorDescentConfig
-from attention.coor_descent.ops import coor_descent_attention, unconverged_fraction
-from attention.coor_descent.reference import coor_descent_reference
+from attention.coor_descent.ops import coor_descent, coor_descent_attention, unconverged_fraction
 from attention.layers import MultiheadMixer
 
 CONVERGENCE_ROWS = 64  # query rows re-solved each forward to report convergence (cheap: rows x S)
@@ -30,7 +29,9 @@ class CoorDescentAttention(MultiheadMixer):
         scores = torch.einsum("td,sd->ts", q[0, rows, 0].float(), k[0, :, 0].float()) * q.shape[-1] ** -0.5
         allowed = visible_keys(t, s, causal, None if key_mask is None else key_mask[:1], q.device)[0, 0, rows]
         budget = allowed.sum(-1).clamp(max=cfg.sparsity_k).float()
-        y = coor_descent_reference(scores, budget, cfg.n_iters, cfg.eps, cfg.eps_init, cfg.eps_decay, allowed)
+        # the fused rows kernel on CUDA: the reference's 50 iterations are ~500 small launches per forward,
+        # which dominated the block's time at short T (issue 20)
+        y = coor_descent(scores, budget, cfg.n_iters, cfg.eps, cfg.eps_init, cfg.eps_decay, allowed, cfg.backend)
         return unconverged_fraction(y, budget, CONVERGENCE_TOL * budget.clamp(min=1), allowed)
 
     def attend(self, q, k, v, *, causal, key_mask):

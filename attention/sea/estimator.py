@@ -25,11 +25,17 @@ CHUNK_ELEMENTS = {"cuda": 2**26, "cpu": 2**24}
 
 
 @torch.no_grad()
-@torch.autocast("cuda", enabled=False)  # log-features and exp-sums in float32 at least, never bf16
 def performer_bin_mass(q: torch.Tensor, k: torch.Tensor, geometry: KeyGeometry, projection: torch.Tensor,
                        chunk_elements: int | None = None) -> torch.Tensor:
     """q: (B, T, H, D), k: (B, S, H, D), projection (m, D) -> (B, T, H, P): the Performer estimate of
-    the attention mass in each cell (rows sum to 1; zeros for a query that sees no key)."""
+    the attention mass in each cell (rows sum to 1; zeros for a query that sees no key), float32 at least."""
+    # log-features and exp-sums in float32 at least, never bf16: autocast off on q's own device (a
+    # decorator for "cuda" alone left CPU autocast on, and bf16 einsums then met float32 buffers)
+    with torch.autocast(q.device.type, enabled=False):
+        return _performer_bin_mass(q, k, geometry, projection, chunk_elements)
+
+
+def _performer_bin_mass(q, k, geometry, projection, chunk_elements):
     chunk_elements = chunk_elements or CHUNK_ELEMENTS.get(q.device.type, CHUNK_ELEMENTS["cpu"])
     dtype = torch.promote_types(q.dtype, torch.float32)
     b, t, h, _ = q.shape
@@ -96,11 +102,15 @@ class MaskPredictor(nn.Module):
         keep = ~empty  # (B, T, 1, P)
         if query_mask is not None:  # padded queries must not leak into their neighbours' rows
             keep = keep & query_mask.bool()[:, :, None, None]
-        log_mass = torch.log(mass.clamp_min(1e-6)) * keep
-        x = self.mlp(torch.cat([log_mass.to(q.dtype), q], -1)) + self.prior_scale[:, None] * log_mass
-        img = rearrange(x * keep, "b t h p -> b h t p")
+        log_mass = torch.log(mass.clamp_min(1e-6)) * keep  # float32 at least (the Performer mass is)
+        # Logits in the mass's precision whatever the weights' dtype: the MLP and the CNN run in their
+        # weights' dtype (autocast's under autocast); their outputs join the float32 prior.
+        wide = log_mass.dtype
+        x = self.mlp(torch.cat([log_mass, q.to(wide)], -1).to(self.mlp[0].weight.dtype)).to(wide)
+        x = x + self.prior_scale.to(wide)[:, None] * log_mass
+        img = rearrange(x * keep, "b t h p -> b h t p").to(self.conv_in.weight.dtype)
         img = self.conv_out(self._pad(F.gelu(self.conv_in(self._pad(img)))))
-        logits = x + rearrange(img, "b h t p -> b t h p")
+        logits = x + rearrange(img, "b h t p -> b t h p").to(wide)
         return logits.masked_fill(empty, float("-inf"))
 
 
@@ -112,12 +122,17 @@ def sample_rows(t: int, n: int, device: torch.device, generator: torch.Generator
 
 
 @torch.no_grad()
-@torch.autocast("cuda", enabled=False)
 def compressed_attention(q: torch.Tensor, k: torch.Tensor, geometry: KeyGeometry, key_mask: torch.Tensor | None,
                          rows: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """Dense softmax attention of the query rows `rows` (n,), summed into their P cells: (B, n, H, P).
 
-    The estimation target (the teacher's q, k, or the layer's own). Costs n x S, linear in T."""
+    The estimation target (the teacher's q, k, or the layer's own). Costs n x S, linear in T. Float32
+    at least, autocast off on q's device."""
+    with torch.autocast(q.device.type, enabled=False):
+        return _compressed_attention(q, k, geometry, key_mask, rows, scale)
+
+
+def _compressed_attention(q, k, geometry, key_mask, rows, scale):
     b, _, h, d = q.shape
     s, p = k.shape[1], geometry.bins
     scale = scale if scale is not None else 1.0 / math.sqrt(d)

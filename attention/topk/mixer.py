@@ -12,6 +12,7 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
+from attention.backend import resolve
 from attention.layers import MultiheadMixer
 
 
@@ -91,18 +92,26 @@ class _TopkAttentionFunction(torch.autograd.Function):
 
 def topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: int, causal: bool = False,
                    key_mask: torch.Tensor | None = None, query_chunk: int = 1024,
-                   scale: float | None = None) -> torch.Tensor:
+                   scale: float | None = None, backend: str = "auto") -> torch.Tensor:
     """Top-k attention. q: (B, T, H, D); k, v: (B, S, H, D); key_mask: (B, S) bool, True = real key.
 
-    Same result as `topk_attention_reference`, with peak memory B*H*query_chunk*S in forward and
-    backward. Returns (B, T, H, D)."""
+    Same result as `topk_attention_reference`. backend 'reference' (and 'auto' off CUDA): the chunked
+    PyTorch op above, peak memory B*H*query_chunk*S in forward and backward. 'auto' on CUDA (or
+    'triton'): thresholds per row, then flex_attention's fused kernels (flex.py; on the CPU under
+    'triton', flex runs eagerly, forward only). Returns (B, T, H, D)."""
     if topk < 1 or query_chunk < 1:
         raise ValueError(f"topk_attention: topk and query_chunk must be >= 1, got {topk} and {query_chunk}")
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     # (B, H, T, D); one dtype for all three, and no autocast inside: the function picks its own precision
     qh, kh, vh = (x.transpose(1, 2) for x in (q, k.to(q.dtype), v.to(q.dtype)))
     with torch.autocast(q.device.type, enabled=False):
-        out = _TopkAttentionFunction.apply(qh, kh, vh, key_mask, topk, causal, query_chunk, scale)
+        if resolve(backend, q) == "triton":
+            from attention.topk.flex import topk_attention_flex
+
+            out = topk_attention_flex(qh, kh, vh, topk=topk, causal=causal, key_mask=key_mask, scale=scale,
+                                      query_chunk=query_chunk, compiled=q.is_cuda)
+        else:
+            out = _TopkAttentionFunction.apply(qh, kh, vh, key_mask, topk, causal, query_chunk, scale)
     return out.transpose(1, 2)
 
 
@@ -111,4 +120,4 @@ class TopkAttention(MultiheadMixer):
 
     def attend(self, q, k, v, *, causal, key_mask):
         return topk_attention(q, k, v, topk=self.cfg.k, causal=causal, key_mask=key_mask,
-                              query_chunk=self.cfg.query_chunk)
+                              query_chunk=self.cfg.query_chunk, backend=self.cfg.backend)

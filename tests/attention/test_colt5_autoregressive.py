@@ -10,7 +10,8 @@ from einops import rearrange
 from torch.profiler import ProfilerActivity, profile
 
 import attention
-from attention.colt5 import CausalRoutedFeedForward, RoutedAutoregressiveAttention, causal_router
+from attention.colt5 import CausalRoutedFeedForward, RoutedAutoregressiveAttention, autoregressive, causal_router
+from attention.colt5.reference import autoregressive_reference, causal_feedforward_reference
 from attention.layers import merge_heads
 
 DIM = 24
@@ -39,6 +40,51 @@ def peak_bytes(fn) -> int:
         current += nbytes
         peak = max(peak, current)
     return peak
+
+
+def output_and_grads(module, x, mask, fn=None):
+    """module(x) (or fn(module, x, mask)) and the gradients of a fixed projection of it: input and every
+    parameter."""
+    x = x.clone().requires_grad_()
+    module.zero_grad(set_to_none=True)
+    y = module(x, mask=mask) if fn is None else fn(module, x, mask)
+    (y * randn(*y.shape, seed=99)).sum().backward()
+    return y.detach(), x.grad, {n: p.grad for n, p in module.named_parameters()}
+
+
+SHAPES = [  # (T, heavy_window, window_routed_q / ff, num_routed_kv, kv routes): odd T, K > window, C = window
+    (61, 16, 6, 20, 2), (45, 8, 8, 30, 1), (33, 16, 3, 5, 2)]
+
+
+@pytest.mark.parametrize("t, w, c, k, routes", SHAPES)
+@pytest.mark.parametrize("module", ["attention", "feedforward"])
+def test_batched_windows_equal_the_per_window_reference(module, t, w, c, k, routes, monkeypatch):
+    """All windows at once (one coordinate descent over every window, one gather, one attention, one
+    index_add) give the per-window loop's outputs and gradients, with padding, in float64."""
+    torch.manual_seed(6)
+    cfg = make_cfg(heavy_window=w, window_routed_q=c, window_routed_ff=c, num_routed_kv=k,
+                   num_kv_routing_tokens=routes, router_eps=0.3, router_eps_init=1.0)
+    layer = (RoutedAutoregressiveAttention(cfg, DIM) if module == "attention" else CausalRoutedFeedForward(cfg, DIM))
+    layer = layer.double()
+    x = randn(2, t, DIM, seed=t)
+    mask = torch.ones(2, t, dtype=torch.bool)
+    mask[0, :3] = False  # leading padding: the first window has fewer candidates
+    mask[1, t - 9:] = False
+    ref = output_and_grads(layer, x, mask, autoregressive_reference if module == "attention"
+                           else causal_feedforward_reference)
+    chunked = []
+    for cap in (autoregressive.GATHER_CHUNK_ELEMENTS, 1):  # one batch of windows, and one window per chunk
+        monkeypatch.setattr(autoregressive, "GATHER_CHUNK_ELEMENTS", cap)
+        chunked.append(output_and_grads(layer, x, mask))
+    for got in chunked:
+        torch.testing.assert_close(got[0], ref[0], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(got[1], ref[1], rtol=1e-10, atol=1e-10)
+        assert set(got[2]) == set(ref[2])
+        for name in ref[2]:
+            assert ref[2][name] is not None, name
+            torch.testing.assert_close(got[2][name], ref[2][name], rtol=1e-10, atol=1e-10, msg=name)
+    load = layer.aux["router_load_q" if module == "attention" else "router_load_ff"]
+    assert 0 < float(load) < 1  # the routing is not trivial: some slots used, some empty
 
 
 @pytest.mark.parametrize("module", ["attention", "feedforward"])
@@ -153,3 +199,19 @@ def test_decoder_uses_the_causal_variants_and_trains():
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters()
                                         if p.grad is not None)
+
+
+def test_cuda_graphs_knob_is_validated_and_cpu_inputs_run_eagerly():
+    import copy
+
+    from attention.config import ConfigError
+
+    with pytest.raises(ConfigError, match="cuda_graphs"):
+        make_cfg(cuda_graphs="yes")
+    for cls in (RoutedAutoregressiveAttention, CausalRoutedFeedForward):
+        layer = cls(make_cfg(), DIM)
+        x = randn(2, 20, DIM, dtype=torch.float32)
+        torch.testing.assert_close(layer(x), layer.forward_eager(x), rtol=0, atol=0)
+        assert layer._graphs.entries == {}  # nothing captured off CUDA
+        twin = copy.deepcopy(layer)  # the graph cache is not copied; the copy's cache is its own
+        assert twin._graphs.owner is twin and twin._graphs is not layer._graphs

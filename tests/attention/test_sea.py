@@ -3,6 +3,7 @@ grouped top-k + expansion, sparse attention and its gradients), k = T equals den
 leak, padding, the estimator learns through the injected loss, training memory linear in T, and the
 Triton kernel against the PyTorch path (interpreter, in a subprocess)."""
 
+import copy
 import math
 import os
 import subprocess
@@ -182,6 +183,73 @@ def test_no_future_leak_through_the_whole_model(group):
     out = model.head(model.body(x))
     (grad,) = torch.autograd.grad(out[:, 10].sum(), emb)
     assert grad[:, 11:].abs().max() == 0 and grad[:, :11].abs().max() > 0
+
+
+# Low precision against float64, relative L2 error of the output and of every gradient: 4 unit roundoffs.
+TOL_LOW = {torch.float16: 4 * 2.0**-11, torch.bfloat16: 4 * 2.0**-8}
+
+
+def _rel(got, want):
+    return float((got.detach().double() - want.detach()).norm() / want.detach().norm())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("how", ["autocast", "weights"])
+def test_low_precision_mixer_trains_and_matches_float64(dtype, how):
+    """fp16 / bf16 under autocast (float32 weights, the training loops) and with low-precision weights
+    (workloads.speed): the predictor's CNN once met a float32 map with bf16 weights and crashed. At
+    k = T the mask is every key, so the output and every gradient (the estimator's through its
+    injected loss) must equal the float64 mixer's up to the dtype's rounding."""
+    cfg = attention.make_config("sea", k=T, predictor_length=P, nb_features=M, heads=H, causal=True)
+    sea = SeaAttention(cfg, 24)
+    _randomise_predictor(sea)
+    sea.train()
+    exact = copy.deepcopy(sea).double()
+    mask = padding()
+    x = torch.randn(B, T, 24, dtype=torch.float64)
+    x64 = x.clone().requires_grad_()
+    torch.manual_seed(1)  # the loss rows are sampled: the same rows in both runs
+    want = exact(x64, mask)
+    want.square().sum().backward()
+    low = sea.to(dtype) if how == "weights" else sea
+    x_low = x.to(dtype if how == "weights" else torch.float32).requires_grad_()
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=dtype, enabled=how == "autocast"):
+        got = low(x_low, mask)
+    got.float().square().sum().backward()
+    assert got.dtype == dtype and "est_kl" in low.aux
+    tol = TOL_LOW[dtype]
+    assert _rel(got, want) < tol
+    assert _rel(x_low.grad, x64.grad) < tol
+    exact_params = dict(exact.named_parameters())
+    for name, p in low.named_parameters():
+        assert p.grad is not None and p.grad.dtype == p.dtype, name
+        if "predictor" not in name:
+            assert _rel(p.grad, exact_params[name].grad) < tol, name
+    # The predictor's gradients as one vector: a softmax over cells is blind to a per-head shift, so
+    # e.g. conv_out.bias has an exact gradient of 0 and only rounding left in low precision.
+    got_est, want_est = (torch.cat([p.grad.double().flatten() for n, p in m.named_parameters() if "predictor" in n])
+                         for m in (low, exact))
+    assert _rel(got_est, want_est) < tol
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_speed_workload_runs_sea_in_low_precision(dtype):
+    """The speed workload's block scope with bf16 / fp16 weights and inputs (it crashed in bf16)."""
+    from workloads.common.report import LocalReporter
+    from workloads.speed import build_task
+
+    config = {"workload": "speed", "seed": 0,
+              "attn": {"method": "sea", "causal": True, "k": 8, "predictor_length": 8, "heads": 2},
+              "model": {"dim": 32, "depth": 2, "scope": "block"},
+              "data": {"lengths": [24, 48], "warmup": 0, "repeats": 1, "dtype": dtype},
+              "train": {"batch_size": 2}}
+    task, _ = build_task(config)
+    reporter = LocalReporter(quiet=True)
+    last = task.run(reporter, torch.device("cpu"))
+    assert [h["step"] for h in reporter.history] == [24, 48]
+    assert all(h["perf/oom"] == 0 for h in reporter.history)
+    assert last["perf/fwd_bwd_ms"] > 0 and last["perf/tokens_per_s"] > 0
 
 
 def test_padding_is_ignored_by_real_positions():

@@ -255,3 +255,42 @@ def test_k_larger_than_sequence_is_refused():
 def test_bad_config_raises_naming_the_field(fields, field):
     with pytest.raises(ConfigError, match=field):
         attention.make_config("topk", **fields)
+
+
+FLEX_CASES = [(63, 63, 8, True, 7), (63, 63, 8, False, 64), (17, 41, 9, True, 3), (41, 17, 30, False, 8),
+              (63, 63, 63, True, 16), (63, 63, 1, True, 5)]
+
+
+@pytest.mark.filterwarnings("ignore")  # flex_attention warns that it runs uncompiled
+@pytest.mark.parametrize("use_mask", [False, True])
+@pytest.mark.parametrize("t,s,topk,causal,query_chunk", FLEX_CASES)
+def test_flex_path_forward_matches_reference(t, s, topk, causal, query_chunk, use_mask):
+    """The CUDA path (thresholds + flex_attention's score_mod) run eagerly on the CPU, forward only (flex
+    has no CPU backward; its gradient is checked on the GPU by benchmarks/bench_topk.py --check)."""
+    from attention.topk.flex import topk_attention_flex, topk_thresholds
+
+    for dtype, atol in ((torch.float64, 1e-12), (torch.float32, 2e-6)):
+        q, k, v = (x.detach() for x in make_qkv(dtype, t=t, s=s))
+        mask = padding_mask(2, s) if use_mask else None
+        kw = dict(topk=topk, causal=causal, key_mask=mask)
+        ref = topk_attention_reference(q.double(), k.double(), v.double(), **kw)
+        heads = [x.transpose(1, 2) for x in (q, k, v)]  # (B, H, T, D)
+        out = topk_attention_flex(*heads, scale=q.shape[-1] ** -0.5, query_chunk=query_chunk, compiled=False, **kw)
+        torch.testing.assert_close(out.transpose(1, 2).double(), ref, rtol=0, atol=atol)
+    # rows that see more than k keys keep exactly k of them (no ties in random data)
+    tau = topk_thresholds(*heads[:2], scale=q.shape[-1] ** -0.5, query_chunk=query_chunk, **kw)
+    scores = torch.einsum("bthd,bshd->bhts", q, k) * q.shape[-1] ** -0.5
+    allowed = torch.ones(t, s, dtype=torch.bool).tril(s - t) if causal else torch.ones(t, s, dtype=torch.bool)
+    allowed = allowed & (mask[:, None, None, :] if use_mask else True)
+    kept = ((scores >= tau[..., None]) & allowed).sum(-1)
+    torch.testing.assert_close(kept, allowed.sum(-1).expand_as(kept).clamp(max=topk), rtol=0, atol=0)
+
+
+def test_backend_is_validated_and_the_mixer_dispatches():
+    with pytest.raises(ConfigError, match="backend"):
+        TopkConfig(backend="cuda")
+    reference = attention.build(TopkConfig(k=4, causal=True, heads=2, backend="reference"), 16)
+    auto = attention.build(TopkConfig(k=4, causal=True, heads=2), 16)  # 'auto' off CUDA: the chunked op
+    auto.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 20, 16)
+    torch.testing.assert_close(auto(x), reference(x), rtol=0, atol=0)

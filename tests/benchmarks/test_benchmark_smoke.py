@@ -16,6 +16,8 @@ REPO = Path(__file__).resolve().parents[2]
     ("bench_local.py", [], "| setup |", "result.json", "result.json"),
     ("bench_colt5.py", [], "| module | dtype | CUDA graph |", "result.json", "result.json"),
     ("bench_sea.py", ["--lengths", "256"], "| T |", "results", "results/bench_sea.json"),  # --out: a folder
+    ("bench_linear.py", [], "| shape |", "result.json", "result.json"),  # + its HoMM and block tables
+    ("bench_topk.py", [], "| kind | dtype | T |", "result.json", "result.json"),
 ])
 def test_smoke_path_runs_on_the_cpu(script, extra, table_header, out, written, tmp_path):
     out, written = tmp_path / out, tmp_path / written
