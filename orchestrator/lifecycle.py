@@ -154,7 +154,7 @@ def close_trial_runs(client, parent_id: str, interrupted: bool, errored: set[str
     (`errored`: the trial ids Tune reports an error for), or was interrupted. `trials`: how many the
     sweep has; `checkpoints`: trial id -> last checkpoint, logged for trials the scheduler stopped."""
     from orchestrator import tracking
-    from orchestrator.driver import log_checkpoint
+    from orchestrator.executors import log_checkpoint
 
     summary = Summary()
     runs = tracking.child_runs(client, parent_id)

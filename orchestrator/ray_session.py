@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from pathlib import Path
 
 FORWARDED_PREFIXES = ("ATTNLAB_", "MLFLOW_", "HF_")
 SECRET_WORDS = ("PASSWORD", "TOKEN", "SECRET", "KEY", "CREDENTIAL", "AUTH")
@@ -68,13 +69,13 @@ def start(address: str | None) -> None:
 
 
 def _forget_dead_local_cluster() -> None:
-    """Ray records the last local cluster in its temp dir; ray.init() attaches to it, and so do Ray's
-    state API calls inside trials. A cluster that died without `ray stop` leaves the record behind and
-    both hang on it: drop a record whose address answers nothing (what `ray stop` would have done)."""
-    from ray._private.utils import get_ray_address_file, read_ray_address
-
-    recorded = read_ray_address()
-    if not recorded:
+    """`ray start` records the local cluster it starts in Ray's temp dir; ray.init() attaches to it, and
+    so do Ray's state API calls inside trials. A cluster that died without `ray stop` leaves the record
+    behind and both hang on it: drop a record whose address answers nothing (what `ray stop` would do)."""
+    record = _ray_address_record()
+    try:
+        recorded = record.read_text().strip()
+    except OSError:
         return
     host, _, port = recorded.rpartition(":")
     try:
@@ -84,10 +85,13 @@ def _forget_dead_local_cluster() -> None:
         pass
     print(f"note: Ray's record of a local cluster at {recorded} is stale (nothing answers); starting a new one",
           file=sys.stderr)
-    try:
-        os.remove(get_ray_address_file(None))
-    except OSError:
-        pass
+    record.unlink(missing_ok=True)
+
+
+def _ray_address_record() -> Path:
+    """Where Ray keeps it: its temp dir (RAY_TMPDIR, else TMPDIR on Linux, else /tmp), then ray/."""
+    base = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    return Path(base) / "ray" / "ray_current_cluster"
 
 
 def local_gpus() -> int:

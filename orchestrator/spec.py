@@ -11,8 +11,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from attention.config import ConfigError, closest
-from workloads import WORKLOADS
-from workloads.common.cli import merge
+from workloads import contract
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,13 +53,32 @@ def load_sweep(name: str) -> SweepSpec:
     return importlib.import_module(f"orchestrator.sweeps.{name}").SWEEP
 
 
-def workload_module(name: str):
-    if name not in WORKLOADS:
-        raise ConfigError(f"workload: got {name!r}{closest([name], WORKLOADS)}, allowed: {', '.join(WORKLOADS)}")
+def get_workload(name: str) -> contract.Workload:
     try:
-        return importlib.import_module(f"workloads.{name}")
+        return contract.get(name)
     except ModuleNotFoundError as e:
         raise ConfigError(f"workload: {name!r} is not available in this installation ({e})") from e
+
+
+def _is_grid(value: Any) -> bool:
+    return isinstance(value, Mapping) and set(value) == {"grid_search"}
+
+
+def merge_space(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """A workload config merged with a Tune search space: `override` wins, sections merge key by key, a
+    grid ({"grid_search": [...]}) replaces what it overrides, and a plain section merged onto a grid goes
+    into each of its alternatives."""
+    out = dict(base)
+    for key, value in override.items():
+        old = out.get(key)
+        if _is_grid(old) and isinstance(value, Mapping) and not _is_grid(value):
+            out[key] = {"grid_search": [merge_space(alt, value) if isinstance(alt, Mapping) else value
+                                        for alt in old["grid_search"]]}
+        elif isinstance(value, Mapping) and isinstance(old, Mapping) and not _is_grid(value):
+            out[key] = merge_space(old, value)
+        else:
+            out[key] = value
+    return out
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -85,38 +103,17 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def check_overrides(overrides: Mapping[str, Any], defaults: Mapping[str, Any], workload: str) -> None:
-    """Every top-level key of `--set` is one of the workload's sections (set field by field) or values
-    (`seed`): a typo in a section name would otherwise be ignored."""
-    sections = [k for k, v in defaults.items() if isinstance(v, Mapping)]
-    values = [k for k, v in defaults.items() if not isinstance(v, Mapping) and k != "workload"]
-    for key, value in overrides.items():
-        is_grid = isinstance(value, Mapping) and set(value) == {"grid_search"}
-        if key in sections and not isinstance(value, Mapping):
-            raise ConfigError(f"--set {key}: a section of workload {workload!r}; set its fields, "
-                              f"e.g. {key}.FIELD=VALUE")
-        if key in values and isinstance(value, Mapping) and not is_grid:
-            raise ConfigError(f"--set {key}.{next(iter(value), '')}: {key} is a value, not a section; "
-                              f"use --set {key}=VALUE")
-        if key == "workload":
-            raise ConfigError("--set workload: choose the workload with --workload")
-        if key not in sections and key not in values:
-            raise ConfigError(f"--set {key}: workload {workload!r} has no section or value {key!r}"
-                              f"{closest([key], sections + values)}; allowed: {', '.join(sections + values)}")
-
-
 def param_space(spec: SweepSpec, smoke: bool, workload: str | None = None,
                 overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The full Tune param_space: workload defaults < sweep base < --smoke < space < overrides."""
-    name = workload or spec.workload
-    module = workload_module(name)
-    check_overrides(overrides or {}, module.DEFAULTS, name)
-    config = merge(module.DEFAULTS, spec.base)
+    chosen = get_workload(workload or spec.workload)
+    chosen.check_keys(overrides or {}, "--set")
+    config = merge_space(chosen.defaults, spec.base)
     if smoke:
-        config = merge(merge(config, module.SMOKE), spec.smoke)
+        config = merge_space(merge_space(config, chosen.smoke), spec.smoke)
     space = spec.smoke_space if smoke and spec.smoke_space is not None else spec.space
-    config = merge(merge(config, space), overrides or {})
-    config["workload"] = name
+    config = merge_space(merge_space(config, space), overrides or {})
+    config["workload"] = chosen.name
     return config
 
 
@@ -151,7 +148,7 @@ def expand(space: Any) -> Iterator[Any]:
 def check_configs(space: Mapping[str, Any]) -> tuple[int, list]:
     """Every config the sweep can produce, checked (sections, method, knobs): cheap, no model built.
     Returns the number of grid points and one validate-only task per distinct config."""
-    module = workload_module(space["workload"])
+    chosen = get_workload(space["workload"])
     count, tasks = 0, []
     seen: set[str] = set()
     for config in expand(space):
@@ -161,7 +158,7 @@ def check_configs(space: Mapping[str, Any]) -> tuple[int, list]:
             continue
         seen.add(key)
         try:
-            tasks.append((config, module.build_task(config, validate_only=True)[0]))
+            tasks.append((config, chosen.build(config, validate_only=True)[0]))
         except ConfigError as e:
             raise ConfigError(f"{e} (in trial config attn={config.get('attn')})") from e
     return count, tasks
@@ -198,16 +195,6 @@ def grid_to_choice(space: Any) -> Any:
 
 
 def resolved(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The trial config with every attention and training field filled in from the defaults, so the
-    params logged for a trial (and compared across trials) include the knobs it did not set."""
-    import dataclasses
-
-    from attention import config_from_dict
-    from workloads.common.config import section_from_dict
-    from workloads.common.train import TrainConfig
-
-    out = dict(config)
-    if "attn" in out:
-        out["attn"] = config_from_dict(out["attn"]).to_dict()
-    out["train"] = dataclasses.asdict(section_from_dict(TrainConfig, out.get("train"), "train"))
-    return out
+    """The trial config with every field of every section filled in (defaults included), as the workload
+    resolves it: the params a trial logs, and compares across trials, include the knobs it did not set."""
+    return get_workload(config["workload"]).build(config, validate_only=True)[1]

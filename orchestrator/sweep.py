@@ -26,13 +26,13 @@ from orchestrator.spec import (  # noqa: E402
     build_models,
     check_configs,
     expand,
+    get_workload,
     grid_to_choice,
     load_sweep,
     param_space,
     parse_overrides,
-    workload_module,
 )
-from workloads.common import scratch  # noqa: E402
+from workloads import contract  # noqa: E402
 
 
 def prepare(args: argparse.Namespace) -> tuple[Any, dict[str, Any], int, list]:
@@ -157,11 +157,11 @@ def _parent_run(args, opened: Opened, sweep_id: str | None, cluster: dict, res) 
         parent_id = tracking.find_parent_run(client, opened.experiment_id, sweep_id)
         client.update_run(parent_id, status="RUNNING")
         return sweep_id, parent_id, lifecycle.done_trials(tracking.child_runs(client, parent_id))
-    module = workload_module(opened.space["workload"])
+    workload = get_workload(opened.space["workload"])
     sweep_id = lifecycle.new_sweep_id(opened.spec.name)
     parent_id = tracking.create_parent_run(client, opened.experiment_id, opened.spec.name, sweep_id, {
         "git_sha": tracking.git_sha(), "ray_version": ray.__version__, "cluster": lifecycle.cluster_tag(cluster),
-        "quality_metric": module.QUALITY_METRIC, "quality_mode": module.QUALITY_MODE,
+        "quality_metric": workload.quality_metric, "quality_mode": workload.quality_mode,
         "workload": opened.space["workload"], "smoke": str(args.smoke).lower()})
     tracking.log_params(client, parent_id, {
         "search": args.search, "num_samples": args.num_samples, "grid_points": opened.n_points,
@@ -173,7 +173,7 @@ def _parent_run(args, opened: Opened, sweep_id: str | None, cluster: dict, res) 
 def _tuner(args, opened: Opened, ctx, res, executor: str, resume: bool):
     from ray import tune
 
-    from orchestrator.driver import run_trial, run_trial_inline
+    from orchestrator.executors import run_trial, run_trial_inline
     from orchestrator.resources import DRIVER_RESOURCES
     from orchestrator.scheduler import TrackedASHA
 
@@ -223,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {where.note}", file=sys.stderr)
     opened = _start(args, where, resume_id, interruption)
     t_ray = time.time()
-    from orchestrator.driver import SweepContext
+    from orchestrator.executors import SweepContext
     from orchestrator.resources import plan, with_capacity
 
     cluster = with_capacity(ray.cluster_resources(), args.capacity)
@@ -236,9 +236,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"sweep {sweep_id}: {opened.n_points} configs x {args.num_samples}, up to {res.max_concurrent} at once, "
           f"{res.workers} worker(s) x ({res.cpus_per_worker:g} CPU, {res.gpus_per_worker:g} GPU), "
           f"executor {executor}", flush=True)
-    module = workload_module(opened.space["workload"])
+    workload = get_workload(opened.space["workload"])
     ctx = SweepContext(opened.spec.name, sweep_id, where.tracking_uri, parent_id, where.storage, res.workers,
-                       res.cpus_per_worker, res.gpus_per_worker, module.QUALITY_METRIC, module.QUALITY_MODE,
+                       res.cpus_per_worker, res.gpus_per_worker, workload.quality_metric, workload.quality_mode,
                        args.max_failures, done)
     try:
         tuner = _tuner(args, opened, ctx, res, executor, resume_id is not None)
@@ -264,7 +264,7 @@ def _fit(tuner, interruption: lifecycle.Interruption):
 def _finish(args, opened, ctx, results, interruption, lock, times, where) -> int:
     import ray
 
-    from orchestrator.driver import process_created
+    from orchestrator.executors import process_created
     from orchestrator.report import report
 
     t_start, t_ray, t_fit = times
@@ -288,7 +288,7 @@ def _finish(args, opened, ctx, results, interruption, lock, times, where) -> int
     status = "KILLED" if interrupted else ("FAILED" if summary.failed == summary.total > 0 else "FINISHED")
     client.set_terminated(ctx.parent_run_id, status=status)
     lock.release()
-    scratch.remove_orphans()  # a killed trial actor's checkpoint copies (its own node's; others' at next use)
+    contract.remove_orphaned_scratch()  # a killed trial actor's checkpoint copies (its own node's; others' at next use)
     print(f"\n{summary.line()}, {time.time() - t_start:.0f} s.", flush=True)
     if interrupted:
         print("interrupted: Tune saved the sweep's state. Continue it with:\n  "

@@ -1,5 +1,5 @@
 """Find a trained teacher in MLflow: the best trial of a method (softmax by default) in a sweep, and its
-`best_checkpoint/state.pt` artifact (logged by orchestrator.driver), ready for the `distill` workload.
+`best_checkpoint/state.pt` artifact (logged by orchestrator.executors), ready for the `distill` workload.
 
     ref = find_best_teacher("sqlite:///runs/mlflow.db", sweep="softmax")
     config = merge(distill.DEFAULTS, distill_overrides(ref))      # teacher_checkpoint, heads, seq_len

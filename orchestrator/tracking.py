@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from workloads.common.config import flatten
+from workloads.contract import flatten
 
 if TYPE_CHECKING:  # MLflow itself is imported where it is used: importing it takes seconds
     from mlflow.tracking import MlflowClient

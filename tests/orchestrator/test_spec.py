@@ -1,7 +1,6 @@
 from ray import tune
 
-from orchestrator.spec import expand, grid, load_sweep, param_space, sweep_names, validate
-from workloads.common.cli import merge
+from orchestrator.spec import expand, grid, load_sweep, merge_space, param_space, sweep_names, validate
 
 
 def test_grid_is_the_cartesian_product():
@@ -10,9 +9,9 @@ def test_grid_is_the_cartesian_product():
 
 
 def test_merge_puts_overrides_into_every_grid_alternative():
-    space = merge({"attn": {"method": "softmax"}}, {"attn": tune.grid_search([{"method": "a"}, {"method": "b"}])})
+    space = merge_space({"attn": {"method": "softmax"}}, {"attn": tune.grid_search([{"method": "a"}, {"method": "b"}])})
     assert space["attn"] == {"grid_search": [{"method": "a"}, {"method": "b"}]}
-    space = merge(space, {"attn": {"heads": 2}})
+    space = merge_space(space, {"attn": {"heads": 2}})
     assert space["attn"]["grid_search"] == [{"method": "a", "heads": 2}, {"method": "b", "heads": 2}]
 
 

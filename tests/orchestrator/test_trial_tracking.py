@@ -86,7 +86,8 @@ def test_a_tracking_failure_fails_the_trial_instead_of_passing_silently(store):
 def test_mlflow_is_not_imported_before_training_starts(tmp_path):
     code = """
 import sys
-from orchestrator.driver import InlineReporter, TrainWorkerReporter, run_trial_inline
+from orchestrator.executors import run_trial_inline
+from orchestrator.reporters import InlineReporter, TrainWorkerReporter
 from orchestrator.trial_tracking import TrialTracking
 tracker = TrialTracking("sqlite:///unused.db", lambda c: "run")
 tracker.log_metrics({"perf/startup_s": 1.0}, 0)

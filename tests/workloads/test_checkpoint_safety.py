@@ -15,8 +15,8 @@ import workloads.distill as distill
 import workloads.lm as lm
 import workloads.lora as lora
 from workloads.common import checkpoint
-from workloads.common.cli import merge
 from workloads.common.report import LocalReporter
+from workloads.contract import merge
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
@@ -71,7 +71,7 @@ def test_a_runs_resume_checkpoint_is_refused(crafted, tmp_path):
     (run_dir / "checkpoint").mkdir(parents=True)
     (run_dir / "checkpoint" / "state.pt").write_bytes(path.read_bytes())
     with pytest.raises(checkpoint.UnsafeCheckpoint, match="resume checkpoint"):
-        lm.train_fn_per_worker(merge(lm.DEFAULTS, lm.SMOKE), reporter=LocalReporter(run_dir, quiet=True))
+        lm.WORKLOAD.train(merge(lm.DEFAULTS, lm.SMOKE), LocalReporter(run_dir, quiet=True))
     assert not marker.exists()
 
 
@@ -88,6 +88,6 @@ def test_the_sampler_refuses_it_without_a_traceback(crafted, tmp_path):
 
 def test_a_training_checkpoint_round_trips_as_plain_data(tmp_path):
     run_dir = tmp_path / "run"
-    lm.train_fn_per_worker(merge(lm.DEFAULTS, lm.SMOKE), reporter=LocalReporter(run_dir, quiet=True))
+    lm.WORKLOAD.train(merge(lm.DEFAULTS, lm.SMOKE), LocalReporter(run_dir, quiet=True))
     state = checkpoint.load(run_dir / "checkpoint" / "state.pt")
     assert state["step"] == lm.SMOKE["train"]["steps"] and set(state["rng"]) >= {"python", "numpy", "torch"}

@@ -9,13 +9,13 @@ from attention import make_config
 from attention.config import ConfigError
 from attention.models import DecoderLM
 from tests.workloads.conftest import run_smoke
-from workloads.common.cli import merge
 from workloads.common.images import load_images
 from workloads.common.report import LocalReporter
 from workloads.common.train import fit
 from workloads.completion import DEFAULTS, SMOKE, build_task
 from workloads.completion.generate import RecurrentDecoder, complete, is_recurrent
 from workloads.completion.pixels import classify, to_tokens, train_classifier
+from workloads.contract import merge
 
 CPU = torch.device("cpu")
 

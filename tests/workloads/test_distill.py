@@ -13,8 +13,8 @@ import workloads.lm as lm
 from attention.config import ConfigError
 from orchestrator.spec import param_space, validate
 from workloads.common.checkpoint import load
-from workloads.common.cli import merge
 from workloads.common.report import LocalReporter
+from workloads.contract import merge
 
 TEACHER_STEPS = 120
 
@@ -28,7 +28,7 @@ def teacher_dir(tmp_path_factory):
     run = tmp_path_factory.mktemp("teacher")
     config = merge(merge(lm.DEFAULTS, lm.SMOKE),
                    {"train": {"steps": TEACHER_STEPS, "lr": 3e-3, "eval_every": TEACHER_STEPS, "log_every": 40}})
-    result = lm.train_fn_per_worker(config, reporter=LocalReporter(run, quiet=True))
+    result = lm.WORKLOAD.train(config, LocalReporter(run, quiet=True))
     return run / "checkpoint", result
 
 
@@ -43,7 +43,7 @@ def test_distilled_student_beats_the_non_distilled_one(teacher_dir, tmp_path):
     runs = {}
     for mode in ("distill", "scratch"):
         reporter = LocalReporter(tmp_path / mode, quiet=True)
-        runs[mode] = (distill.train_fn_per_worker(_config(mode, checkpoint), reporter=reporter), reporter)
+        runs[mode] = (distill.WORKLOAD.train(_config(mode, checkpoint), reporter), reporter)
     distilled, scratch = runs["distill"][0], runs["scratch"][0]
     assert distilled["val/loss"] < scratch["val/loss"] - 0.2, (distilled, scratch)
     assert distilled["val/teacher_bpc"] == pytest.approx(teacher["val/bpc"], rel=1e-5)
@@ -71,7 +71,7 @@ def test_student_starts_from_the_teacher_weights(teacher_dir):
 
 
 def test_a_teacher_is_trained_in_the_trial_when_none_is_given(tmp_path):
-    result = distill.train_fn_per_worker(_config("distill", steps=4, teacher_steps=8),
+    result = distill.WORKLOAD.train(_config("distill", steps=4, teacher_steps=8),
                                          reporter=LocalReporter(tmp_path, quiet=True))
     assert math.isfinite(result["val/teacher_bpc"]) and math.isfinite(result["val/bpc"])
 

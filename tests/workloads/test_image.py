@@ -7,10 +7,10 @@ import torch
 
 from attention.config import ConfigError
 from tests.workloads.conftest import run_smoke
-from workloads.common.cli import merge
 from workloads.common.images import apply_variant
 from workloads.common.report import LocalReporter
 from workloads.common.train import fit
+from workloads.contract import merge
 from workloads.image import DEFAULTS, SMOKE, build_task
 
 pytestmark = pytest.mark.usefixtures("data_cache")  # tests/workloads/conftest.py

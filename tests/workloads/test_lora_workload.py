@@ -12,10 +12,10 @@ import torch
 from attention.config import ConfigError
 from attention.lora import LoRALinear
 from workloads.common import checkpoint as checkpoint_file
-from workloads.common.cli import merge
 from workloads.common.images import apply_variant
 from workloads.common.report import LocalReporter
 from workloads.common.train import fit, seed_everything
+from workloads.contract import merge
 from workloads.image import DEFAULTS as IMAGE_DEFAULTS
 from workloads.image import SMOKE as IMAGE_SMOKE
 from workloads.image import build_task as build_image_task
@@ -147,7 +147,7 @@ def test_base_from_an_image_workload_checkpoint(tmp_path):
 
 
 class Interrupt(LocalReporter):
-    def report(self, metrics, step, checkpoint_dir=None):
+    def report(self, metrics, step, checkpoint_dir=None, evaluation=False):
         super().report(metrics, step, checkpoint_dir)
         if step == 4:
             raise KeyboardInterrupt

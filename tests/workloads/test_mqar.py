@@ -7,9 +7,9 @@ import torch
 
 from attention.config import ConfigError
 from tests.workloads.conftest import run_smoke
-from workloads.common.cli import merge
 from workloads.common.report import LocalReporter
 from workloads.common.train import fit
+from workloads.contract import merge
 from workloads.mqar import DEFAULTS, SMOKE, build_task
 from workloads.mqar.task import IGNORE, MQARData, mqar_batch
 

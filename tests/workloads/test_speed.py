@@ -10,9 +10,9 @@ import torch
 
 from attention import build, make_config
 from attention.config import ConfigError
-from workloads.common.cli import merge
 from workloads.common.report import LocalReporter
-from workloads.speed import DEFAULTS, SMOKE, build_task, train_fn_per_worker
+from workloads.contract import merge
+from workloads.speed import DEFAULTS, SMOKE, WORKLOAD, build_task
 from workloads.speed.measure import LiveTensorBytes, forward_and_backward, forward_only, peak_mib
 
 CPU = torch.device("cpu")
@@ -82,8 +82,8 @@ def test_out_of_memory_stops_the_curve(monkeypatch):
 
 def test_block_scope_measures_transformer_blocks():
     reporter = LocalReporter(quiet=True)
-    mixer = train_fn_per_worker(merge(DEFAULTS, SMOKE), LocalReporter(quiet=True))
-    block = train_fn_per_worker(merge(DEFAULTS, merge(SMOKE, {"model": {"scope": "block", "depth": 2}})),
+    mixer = WORKLOAD.train(merge(DEFAULTS, SMOKE), LocalReporter(quiet=True))
+    block = WORKLOAD.train(merge(DEFAULTS, merge(SMOKE, {"model": {"scope": "block", "depth": 2}})),
                                 reporter)
     assert block["params/total"] > 2 * mixer["params/total"]  # two blocks: mixer, norms and MLP each
 

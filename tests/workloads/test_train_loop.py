@@ -10,10 +10,10 @@ import pytest
 
 from attention.config import ConfigError
 from workloads.common import scratch
-from workloads.common.cli import merge
 from workloads.common.report import LocalReporter
 from workloads.common.train import TrainConfig, TrainingDiverged
-from workloads.lm import DEFAULTS, SMOKE, build_task, train_fn_per_worker
+from workloads.contract import merge
+from workloads.lm import DEFAULTS, SMOKE, WORKLOAD, build_task
 
 
 def _config(**train):
@@ -22,7 +22,7 @@ def _config(**train):
 
 def test_short_run_on_real_text_lowers_the_loss(tmp_path):
     reporter = LocalReporter(tmp_path, quiet=True)
-    final = train_fn_per_worker(_config(steps=60, eval_every=30, log_every=10, lr=3e-3), reporter=reporter)
+    final = WORKLOAD.train(_config(steps=60, eval_every=30, log_every=10, lr=3e-3), reporter)
     losses = [h["train/loss"] for h in reporter.history]
     assert losses[-1] < losses[0] - 0.8, losses  # from ~5.5 nats (uniform over 256 bytes) downwards
     assert final["val/bpc"] < 6.5 and math.isclose(final["val/bpc"], final["val/loss"] / math.log(2))
@@ -31,7 +31,7 @@ def test_short_run_on_real_text_lowers_the_loss(tmp_path):
 def test_resuming_from_a_checkpoint_reproduces_the_uninterrupted_run(tmp_path):
     config = _config(steps=16, eval_every=8, log_every=2)
     full = LocalReporter(tmp_path / "full", quiet=True)
-    train_fn_per_worker(config, reporter=full)
+    WORKLOAD.train(config, full)
 
     # The same run, killed at step 10 (after the step-8 checkpoint), then started again on its run dir
     crash = LocalReporter(tmp_path / "crash", quiet=True)
@@ -40,17 +40,17 @@ def test_resuming_from_a_checkpoint_reproduces_the_uninterrupted_run(tmp_path):
     class Killed(Exception):
         pass
 
-    def report_then_die(metrics, step, checkpoint_dir=None):
+    def report_then_die(metrics, step, checkpoint_dir=None, evaluation=False):
         original(metrics, step, checkpoint_dir)
         if step == 10:
             raise Killed
 
     crash.report = report_then_die
     with pytest.raises(Killed):
-        train_fn_per_worker(config, reporter=crash)
+        WORKLOAD.train(config, crash)
     again = LocalReporter(tmp_path / "crash", quiet=True)  # what a new process sees
     assert again.resume_checkpoint_dir()
-    train_fn_per_worker(config, reporter=again)
+    WORKLOAD.train(config, again)
 
     first = {h["step"]: h["train/loss"] for h in full.history}
     after = {h["step"]: h["train/loss"] for h in again.history}
@@ -82,7 +82,7 @@ def test_a_diverging_run_stops_at_the_first_non_finite_loss(tmp_path):
     # a weight decay that multiplies every weight by about -1e35 at the first step: the next loss is NaN
     reporter = LocalReporter(tmp_path, quiet=True)
     with pytest.raises(TrainingDiverged, match="diverged at step 2: train/loss = nan") as error:
-        train_fn_per_worker(_config(steps=50, weight_decay=1e38, log_every=1), reporter=reporter)
+        WORKLOAD.train(_config(steps=50, weight_decay=1e38, log_every=1), reporter)
     assert (error.value.step, error.value.metric) == (2, "train/loss")
     assert [h["step"] for h in reporter.history] == [1]  # nothing after it was trained or reported
 
@@ -102,13 +102,13 @@ def test_a_checkpoint_on_its_way_to_a_stopping_reporter_is_removed(tmp_path, mon
         pass
 
     class StoppingReporter(LocalReporter):
-        def report(self, metrics, step, checkpoint_dir=None):
+        def report(self, metrics, step, checkpoint_dir=None, evaluation=False):
             if checkpoint_dir:
                 raise Stop
             super().report(metrics, step, checkpoint_dir)
 
     with pytest.raises(Stop):
-        train_fn_per_worker(_config(steps=12), reporter=StoppingReporter(tmp_path / "run", quiet=True))
+        WORKLOAD.train(_config(steps=12), StoppingReporter(tmp_path / "run", quiet=True))
     assert list((tmp_path / "scratch").iterdir()) == []
 
 

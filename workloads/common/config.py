@@ -31,6 +31,15 @@ def require(cond: bool, field: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{field}: got {value!r}, allowed: {allowed}")
 
 
+def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested dict merge: `override` wins, sections merge field by field."""
+    out = dict(base)
+    for key, value in override.items():
+        old = out.get(key)
+        out[key] = merge(old, value) if isinstance(value, Mapping) and isinstance(old, Mapping) else value
+    return out
+
+
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """{"attn": {"k": 8}} -> {"attn.k": 8}: MLflow params and table columns."""
     out: dict[str, Any] = {}

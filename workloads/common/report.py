@@ -1,7 +1,8 @@
-"""Where a training loop sends metrics and checkpoints, so one loop serves a terminal and Ray Train.
+"""Where a training loop sends metrics and checkpoints, so one loop serves a terminal and a sweep.
 
-A Reporter is told `report(metrics, step, checkpoint_dir)` at every logging point by every worker
-(Ray Train's report is a barrier: all ranks call it). Subclasses decide where it goes."""
+A Reporter is told `report(metrics, step, checkpoint_dir, evaluation)` at every logging point by every
+worker (a data-parallel runner's report may be a barrier: all ranks call it). Subclasses decide where it
+goes: LocalReporter here, the orchestrator's reporters in a sweep."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ class Reporter:
     rank: int = 0
     world_size: int = 1
 
-    def report(self, metrics: dict[str, float], step: int, checkpoint_dir: str | None = None) -> None:
+    def report(self, metrics: dict[str, float], step: int, checkpoint_dir: str | None = None,
+               evaluation: bool = False) -> None:
+        """`evaluation`: an evaluation point (it carries the quality metric; a scheduler may act on it)."""
         raise NotImplementedError
 
     def resume_checkpoint_dir(self) -> str | None:
@@ -28,10 +31,33 @@ class Reporter:
         """Called once the model, optimizer and data are ready, right before the first step."""
 
     def log_params(self, params: dict[str, Any]) -> None:
-        """The resolved config, flattened. Default: nothing (the orchestrator logs it)."""
+        """What the config resolved to beyond its sections (a corpus' sha256). Default: nothing."""
 
     def close(self) -> None:
         pass
+
+
+class ForwardingReporter(Reporter):
+    """Hands everything to `inner`; a subclass changes what it needs (and nothing is dropped)."""
+
+    def __init__(self, inner: Reporter):
+        self.inner = inner
+        self.rank, self.world_size = inner.rank, inner.world_size
+
+    def report(self, metrics, step, checkpoint_dir=None, evaluation=False):
+        self.inner.report(metrics, step, checkpoint_dir, evaluation)
+
+    def resume_checkpoint_dir(self):
+        return self.inner.resume_checkpoint_dir()
+
+    def on_train_start(self):
+        self.inner.on_train_start()
+
+    def log_params(self, params):
+        self.inner.log_params(params)
+
+    def close(self):
+        self.inner.close()
 
 
 class LocalReporter(Reporter):
@@ -44,7 +70,7 @@ class LocalReporter(Reporter):
         self.quiet = quiet
         self.history: list[dict[str, float]] = []
 
-    def report(self, metrics, step, checkpoint_dir=None):
+    def report(self, metrics, step, checkpoint_dir=None, evaluation=False):
         self.history.append({"step": step, **metrics})
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
@@ -63,39 +89,3 @@ class LocalReporter(Reporter):
     def resume_checkpoint_dir(self):
         path = self.run_dir / "checkpoint"
         return str(path) if path.exists() else None
-
-
-class RayTrainReporter(Reporter):
-    """Inside a Ray Train worker: metrics and checkpoints go through `ray.train.report`."""
-
-    def __init__(self):
-        import ray.train
-
-        ctx = ray.train.get_context()
-        self.rank = ctx.get_world_rank()
-        self.world_size = ctx.get_world_size()
-        self._ray_train = ray.train
-        self._restored = None
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is not None:
-            self._restored = checkpoint.to_directory()
-
-    def report(self, metrics, step, checkpoint_dir=None):
-        checkpoint = None
-        if checkpoint_dir and self.rank == 0:
-            checkpoint = self._ray_train.Checkpoint.from_directory(checkpoint_dir)
-        self._ray_train.report({**metrics, "step": step}, checkpoint=checkpoint)
-
-    def resume_checkpoint_dir(self):
-        return self._restored
-
-
-def default_reporter() -> Reporter:
-    """Ray Train's when running in a Ray Train worker, else a local one."""
-    try:
-        import ray.train
-
-        ray.train.get_context().get_world_rank()
-        return RayTrainReporter()
-    except Exception:
-        return LocalReporter()

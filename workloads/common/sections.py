@@ -1,27 +1,35 @@
-"""The common shape of a workload's trial config: attn, model, data and train sections and a seed."""
+"""The common shape of a workload: attn, train, model and data sections, a task built from them and
+trained by the shared loop (workloads.common.train.fit)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
-from attention import MethodConfig, config_from_dict
-from workloads.common.config import section_from_dict
-from workloads.common.train import TrainConfig
+from attention import MethodConfig
+from workloads.common.report import Reporter
+from workloads.common.train import TrainConfig, fit
+from workloads.contract import Sections
 
 
-def seed_of(config: dict[str, Any]) -> int:
-    return int(config.get("seed", 0))
+def standard_sections(model_cls: type, data_cls: type, **more: type) -> dict[str, type]:
+    """attn, train, model, data (the order they are validated in), then `more`."""
+    return {"attn": MethodConfig, "train": TrainConfig, "model": model_cls, "data": data_cls, **more}
 
 
-def task_from_sections(config: dict[str, Any], task_cls: type, model_cls: type, data_cls: type,
-                       check_attn: Callable[[MethodConfig], None] | None = None):
-    """Validate the attn, train, model and data sections (in that order: the first bad field is the one
-    reported) and build `task_cls(attn, model, data, batch_size, seed)`. Returns (task, train)."""
-    attn = config_from_dict(config.get("attn", {"method": "softmax"}))
-    if check_attn is not None:
-        check_attn(attn)
-    train = section_from_dict(TrainConfig, config.get("train"), "train")
-    task = task_cls(attn, section_from_dict(model_cls, config.get("model"), "model"),
-                    section_from_dict(data_cls, config.get("data"), "data"), train.batch_size, seed_of(config))
-    return task, train
+def standard_task(task_cls: type, check_attn: Callable[[MethodConfig], None] | None = None):
+    """make_task for tasks built as task_cls(attn, model, data, batch_size, seed)."""
+    def make_task(s: Sections, validate_only: bool):
+        if check_attn is not None:
+            check_attn(s.attn)
+        return task_cls(s.attn, s.model, s.data, s.train.batch_size, s.seed)
+    return make_task
+
+
+def fit_run(params: Callable[[Any], dict[str, Any]] | None = None):
+    """run for tasks trained by the shared loop; `params(task)`: what the data resolved to (its sha256)."""
+    def run(task, s: Sections, reporter: Reporter) -> dict[str, float]:
+        if params is not None:
+            reporter.log_params(params(task))
+        return fit(task, s.train, reporter, seed=s.seed)
+    return run

@@ -26,17 +26,9 @@ from attention.config import ConfigError
 from workloads.common import checkpoint, scratch
 from workloads.common.config import require
 from workloads.common.report import Reporter
+from workloads.contract import TrainingDiverged
 
 PRECISIONS = ("auto", "fp32", "bf16")
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite. Nothing after it can be trusted (the weights are poisoned), so the
-    loop stops at once; a sweep marks the trial diverged and goes on with the others."""
-
-    def __init__(self, step: int, metric: str, value: float):
-        super().__init__(f"training diverged at step {step}: {metric} = {value}")
-        self.step, self.metric, self.value = step, metric, value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,7 +210,7 @@ def fit(task: Task, cfg: TrainConfig, reporter: Reporter, seed: int = 0,
             if reporter.rank == 0:
                 checkpoint_dir = _save_checkpoint(model, optimizer, scheduler, done)
         try:
-            reporter.report(metrics, done, checkpoint_dir)
+            reporter.report(metrics, done, checkpoint_dir, evaluation=is_eval)
         finally:  # the reporter copied or uploaded it synchronously, or is stopping the trial
             if checkpoint_dir:
                 shutil.rmtree(checkpoint_dir, ignore_errors=True)

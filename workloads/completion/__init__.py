@@ -7,10 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from workloads.common.report import Reporter, default_reporter
-from workloads.common.sections import seed_of, task_from_sections
-from workloads.common.train import TrainConfig, fit
+from workloads.common.sections import fit_run, standard_sections, standard_task
 from workloads.completion.task import CompletionData, CompletionTask
+from workloads.contract import Workload
 from workloads.lm.task import LMModel
 
 DEFAULTS: dict[str, Any] = {
@@ -29,17 +28,20 @@ SMOKE: dict[str, Any] = {
     "train": {"steps": 12, "batch_size": 8, "warmup": 2, "eval_every": 6, "log_every": 3},
 }
 
+WORKLOAD = Workload(
+    name="completion",
+    summary=__doc__.split("\n\n")[0],
+    sections=standard_sections(LMModel, CompletionData),
+    defaults=DEFAULTS,
+    smoke=SMOKE,
+    quality_metric=CompletionTask.quality_metric,
+    quality_mode=CompletionTask.quality_mode,
+    make_task=standard_task(CompletionTask),
+    run=fit_run(lambda task: {"data.sha256": task.splits[0].sha256}),
+)
 
-def build_task(config: dict[str, Any], validate_only: bool = False) -> tuple[CompletionTask, TrainConfig]:
-    """Validate every section of a trial config and build the task (data loads on first use)."""
-    return task_from_sections(config, CompletionTask, LMModel, CompletionData)
 
-
-def train_fn_per_worker(config: dict[str, Any], reporter: Reporter | None = None) -> dict[str, float]:
-    task, train = build_task(config)
-    reporter = reporter or default_reporter()
-    reporter.log_params({"data.sha256": task.splits[0].sha256})
-    return fit(task, train, reporter, seed=seed_of(config))
-
-
-QUALITY_METRIC, QUALITY_MODE = CompletionTask.quality_metric, CompletionTask.quality_mode
+def build_task(config: dict[str, Any], validate_only: bool = False):
+    """(task, its train section) for a trial config: what tests and tools build directly."""
+    sections = WORKLOAD.parse(config)
+    return WORKLOAD.make_task(sections, validate_only), sections.train

@@ -1,5 +1,5 @@
 from workloads.common.cli import main
-from workloads.completion import DEFAULTS, SMOKE, train_fn_per_worker
+from workloads.completion import WORKLOAD
 
 if __name__ == "__main__":
-    main("completion", DEFAULTS, SMOKE, train_fn_per_worker)
+    main(WORKLOAD)

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from attention import config_from_dict
-from workloads.common.config import section_from_dict
-from workloads.common.report import Reporter, default_reporter
-from workloads.common.train import TrainConfig, fit
+from workloads.common.sections import standard_sections
+from workloads.common.train import fit
+from workloads.contract import Reporter, Sections, Workload
 from workloads.distill.task import DistillConfig, DistillTask, ImageReporter, build_student_task, load_state
 from workloads.lm.task import LMData, LMModel
 
@@ -31,27 +30,35 @@ SMOKE: dict[str, Any] = {
 }
 
 
-def build_task(config: dict[str, Any], validate_only: bool = False) -> tuple[DistillTask, TrainConfig]:
-    """Validate every section; with a teacher checkpoint (and not validate_only) the student takes the
-    teacher's sizes. The data loads, and a teacher without checkpoint trains, on first use."""
-    attn = config_from_dict(config.get("attn", DEFAULTS["attn"]))
-    train = section_from_dict(TrainConfig, config.get("train"), "train")
-    distill = section_from_dict(DistillConfig, config.get("distill"), "distill")
-    model = section_from_dict(LMModel, config.get("model"), "model")
-    data = section_from_dict(LMData, config.get("data"), "data")
-    seed = int(config.get("seed", 0))
+def _make_task(s: Sections, validate_only: bool) -> DistillTask:
+    """With a teacher checkpoint (and not validate_only) the student takes the teacher's sizes. The data
+    loads, and a teacher without checkpoint trains, on first use."""
     state = None
-    if distill.teacher_checkpoint and distill.mode != "scratch" and not validate_only:
-        state = load_state(distill.teacher_checkpoint)
-    student = build_student_task(attn, model, data, train.batch_size, seed, state, distill)
-    return DistillTask(student, distill, train, seed, teacher_state=state), train
+    if s.distill.teacher_checkpoint and s.distill.mode != "scratch" and not validate_only:
+        state = load_state(s.distill.teacher_checkpoint)
+    student = build_student_task(s.attn, s.model, s.data, s.train.batch_size, s.seed, state, s.distill)
+    return DistillTask(student, s.distill, s.train, s.seed, teacher_state=state)
 
 
-def train_fn_per_worker(config: dict[str, Any], reporter: Reporter | None = None) -> dict[str, float]:
-    task, train = build_task(config)
-    reporter = reporter or default_reporter()
+def _run(task: DistillTask, s: Sections, reporter: Reporter) -> dict[str, float]:
     reporter.log_params({"data.sha256": task.corpus.sha256, "data.corpus": task.corpus.name})
-    return fit(task, train, ImageReporter(reporter, task), seed=int(config.get("seed", 0)))
+    return fit(task, s.train, ImageReporter(reporter, task), seed=s.seed)
 
 
-QUALITY_METRIC, QUALITY_MODE = DistillTask.quality_metric, DistillTask.quality_mode
+WORKLOAD = Workload(
+    name="distill",
+    summary=__doc__.split("\n\n")[0],
+    sections=standard_sections(LMModel, LMData, distill=DistillConfig),
+    defaults=DEFAULTS,
+    smoke=SMOKE,
+    quality_metric=DistillTask.quality_metric,
+    quality_mode=DistillTask.quality_mode,
+    make_task=_make_task,
+    run=_run,
+)
+
+
+def build_task(config: dict[str, Any], validate_only: bool = False):
+    """(task, its train section) for a trial config: what tests and tools build directly."""
+    sections = WORKLOAD.parse(config)
+    return WORKLOAD.make_task(sections, validate_only), sections.train

@@ -1,5 +1,5 @@
 from workloads.common.cli import main
-from workloads.distill import DEFAULTS, SMOKE, train_fn_per_worker
+from workloads.distill import WORKLOAD
 
 if __name__ == "__main__":
-    main("distill", DEFAULTS, SMOKE, train_fn_per_worker)
+    main(WORKLOAD)

@@ -28,7 +28,7 @@ from attention import make_config
 from attention.config import ConfigError
 from workloads.common import checkpoint
 from workloads.common.config import require
-from workloads.common.report import Reporter
+from workloads.common.report import ForwardingReporter, Reporter
 from workloads.common.text import VOCAB
 from workloads.common.train import TrainConfig, fit
 from workloads.lm.task import LMData, LMModel, LMTask
@@ -117,7 +117,7 @@ class _KeepLastCheckpoint(Reporter):
         self.dir = tempfile.mkdtemp(prefix="attnlab-teacher-")
         self.metrics: dict[str, float] = {}
 
-    def report(self, metrics, step, checkpoint_dir=None):
+    def report(self, metrics, step, checkpoint_dir=None, evaluation=False):
         self.metrics = metrics
         if checkpoint_dir:
             shutil.copy(Path(checkpoint_dir) / "state.pt", Path(self.dir) / "state.pt")
@@ -164,6 +164,11 @@ class DistillTask:
     @property
     def corpus(self):
         return self.student.corpus
+
+    @property
+    def resolved_sections(self) -> dict[str, dict]:
+        """The student's attn and model sections as it really runs (a teacher's sizes replace the given)."""
+        return {"attn": self.student.attn.to_dict(), "model": dataclasses.asdict(self.student.model_cfg)}
 
     def teacher_task(self) -> LMTask:
         heads = self.cfg.teacher_heads or self.student.attn.heads
@@ -252,7 +257,8 @@ class DistillTask:
         allowed = mask_to_dense(got["mask"], got["geometry"], mixer.heads)[0, 0]  # (T, S)
         scores = (q @ k.T) / q.shape[-1] ** 0.5
         maps = {"estimate": got["est"][0, :, 0].float().cpu().numpy(), "mask": allowed.cpu().numpy(),
-                "sparse": torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0).cpu().numpy()}
+                "sparse": torch.softmax(scores.float().masked_fill(~allowed, float("-inf")), -1).nan_to_num(0)
+                .cpu().numpy()}  # float32: numpy has no bf16
         if self.cfg.mode != "scratch":
             teacher = self.teacher(device)
             with _Capture(teacher)() as taught:
@@ -260,7 +266,7 @@ class DistillTask:
             tq, tk = taught.qk[0][0][0, :, 0].float(), taught.qk[0][1][0, :, 0].float()
             causal = torch.ones(t, t, dtype=torch.bool, device=device).tril()
             dense = (tq @ tk.T / tq.shape[-1] ** 0.5).masked_fill(~causal, float("-inf"))
-            maps["teacher"] = torch.softmax(dense, -1).cpu().numpy()
+            maps["teacher"] = torch.softmax(dense.float(), -1).cpu().numpy()
         return maps
 
 
@@ -318,26 +324,15 @@ def save_maps(maps: dict[str, Any], directory: str | Path) -> list[Path]:
     return written
 
 
-class ImageReporter(Reporter):
-    """Wraps a reporter: before a checkpoint is handed on, the task's last sample maps are saved into it
-    as PNG images, so they travel with the checkpoint (MLflow: best_checkpoint/*.png)."""
+class ImageReporter(ForwardingReporter):
+    """Before a checkpoint is handed on, the task's last sample maps are saved into it as PNG images, so
+    they travel with the checkpoint (MLflow: best_checkpoint/*.png)."""
 
     def __init__(self, inner: Reporter, task: DistillTask):
-        self.inner, self.task = inner, task
-        self.rank, self.world_size = inner.rank, inner.world_size
+        super().__init__(inner)
+        self.task = task
 
-    def report(self, metrics, step, checkpoint_dir=None):
+    def report(self, metrics, step, checkpoint_dir=None, evaluation=False):
         if checkpoint_dir and self.task.maps is not None and self.rank == 0:
             save_maps(self.task.maps, checkpoint_dir)
-        self.inner.report(metrics, step, checkpoint_dir)
-
-    def resume_checkpoint_dir(self):
-        return self.inner.resume_checkpoint_dir()
-
-    def log_params(self, params):
-        self.inner.log_params(params)
-
-    def close(self):
-        self.inner.close()
-
-
+        self.inner.report(metrics, step, checkpoint_dir, evaluation)

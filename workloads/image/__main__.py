@@ -1,5 +1,5 @@
 from workloads.common.cli import main
-from workloads.image import DEFAULTS, SMOKE, train_fn_per_worker
+from workloads.image import WORKLOAD
 
 if __name__ == "__main__":
-    main("image", DEFAULTS, SMOKE, train_fn_per_worker)
+    main(WORKLOAD)

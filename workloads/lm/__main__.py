@@ -1,5 +1,5 @@
 from workloads.common.cli import main
-from workloads.lm import DEFAULTS, SMOKE, train_fn_per_worker
+from workloads.lm import WORKLOAD
 
 if __name__ == "__main__":
-    main("lm", DEFAULTS, SMOKE, train_fn_per_worker)
+    main(WORKLOAD)

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from attention import config_from_dict
-from workloads.common.config import section_from_dict
-from workloads.common.report import Reporter, default_reporter
-from workloads.common.train import TrainConfig, fit
+from workloads.common.sections import fit_run, standard_sections
+from workloads.contract import Sections, Workload
 from workloads.image.task import ImageData, check_bidirectional
 from workloads.lora.task import MODES, LoRAModel, LoRASection, LoRATask
 
@@ -32,24 +30,28 @@ SMOKE: dict[str, Any] = {
 }
 
 
-def build_task(config: dict[str, Any], validate_only: bool = False) -> tuple[LoRATask, TrainConfig]:
-    """Validate every section of a trial config and build the task (data and base load on first use)."""
-    attn = config_from_dict(config.get("attn", {"method": "softmax"}))
-    check_bidirectional(attn)
-    train = section_from_dict(TrainConfig, config.get("train"), "train")
-    task = LoRATask(attn, section_from_dict(LoRAModel, config.get("model"), "model"),
-                    section_from_dict(ImageData, config.get("data"), "data"),
-                    section_from_dict(LoRASection, config.get("lora"), "lora"), train,
-                    int(config.get("seed", 0)), validate_only=validate_only)
-    return task, train
+def _make_task(s: Sections, validate_only: bool) -> LoRATask:
+    check_bidirectional(s.attn)
+    return LoRATask(s.attn, s.model, s.data, s.lora, s.train, s.seed, validate_only=validate_only)
 
 
-def train_fn_per_worker(config: dict[str, Any], reporter: Reporter | None = None) -> dict[str, float]:
-    task, train = build_task(config)
-    reporter = reporter or default_reporter()
-    reporter.log_params({"data.sha256": task.images.sha256})
-    return fit(task, train, reporter, seed=int(config.get("seed", 0)))
+WORKLOAD = Workload(
+    name="lora",
+    summary=__doc__.split("\n\n")[0],
+    sections=standard_sections(LoRAModel, ImageData, lora=LoRASection),
+    defaults=DEFAULTS,
+    smoke=SMOKE,
+    quality_metric=LoRATask.quality_metric,
+    quality_mode=LoRATask.quality_mode,
+    make_task=_make_task,
+    run=fit_run(lambda task: {"data.sha256": task.images.sha256}),
+)
 
 
-QUALITY_METRIC, QUALITY_MODE = LoRATask.quality_metric, LoRATask.quality_mode
-__all__ = ["DEFAULTS", "MODES", "QUALITY_METRIC", "QUALITY_MODE", "SMOKE", "build_task", "train_fn_per_worker"]
+def build_task(config: dict[str, Any], validate_only: bool = False):
+    """(task, its train section) for a trial config: what tests and tools build directly."""
+    sections = WORKLOAD.parse(config)
+    return WORKLOAD.make_task(sections, validate_only), sections.train
+
+
+__all__ = ["DEFAULTS", "MODES", "SMOKE", "WORKLOAD", "build_task"]

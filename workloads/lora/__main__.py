@@ -1,5 +1,5 @@
 from workloads.common.cli import main
-from workloads.lora import DEFAULTS, SMOKE, train_fn_per_worker
+from workloads.lora import WORKLOAD
 
 if __name__ == "__main__":
-    main("lora", DEFAULTS, SMOKE, train_fn_per_worker)
+    main(WORKLOAD)

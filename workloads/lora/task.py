@@ -92,7 +92,7 @@ class _KeepLastModel(Reporter):
         self.state: dict[str, torch.Tensor] | None = None
         self.metrics: dict[str, float] = {}
 
-    def report(self, metrics, step, checkpoint_dir=None):
+    def report(self, metrics, step, checkpoint_dir=None, evaluation=False):
         self.metrics = metrics
         if checkpoint_dir:  # read now: the loop deletes the directory when report returns
             self.state = checkpoint.load(Path(checkpoint_dir) / "state.pt")["model"]

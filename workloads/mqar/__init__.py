@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from workloads.common.report import Reporter, default_reporter
-from workloads.common.sections import seed_of, task_from_sections
-from workloads.common.train import TrainConfig, fit
+from workloads.common.sections import fit_run, standard_sections, standard_task
+from workloads.contract import Workload
 from workloads.lm.task import LMModel
 from workloads.mqar.task import MQARData, MQARTask
 
@@ -29,15 +28,20 @@ SMOKE: dict[str, Any] = {
     "train": {"steps": 12, "batch_size": 8, "warmup": 2, "eval_every": 6, "log_every": 3},
 }
 
+WORKLOAD = Workload(
+    name="mqar",
+    summary=__doc__.split("\n\n")[0],
+    sections=standard_sections(LMModel, MQARData),
+    defaults=DEFAULTS,
+    smoke=SMOKE,
+    quality_metric=MQARTask.quality_metric,
+    quality_mode=MQARTask.quality_mode,
+    make_task=standard_task(MQARTask),
+    run=fit_run(),
+)
 
-def build_task(config: dict[str, Any], validate_only: bool = False) -> tuple[MQARTask, TrainConfig]:
-    """Validate every section of a trial config and build the task (sequences are generated per step)."""
-    return task_from_sections(config, MQARTask, LMModel, MQARData)
 
-
-def train_fn_per_worker(config: dict[str, Any], reporter: Reporter | None = None) -> dict[str, float]:
-    task, train = build_task(config)
-    return fit(task, train, reporter or default_reporter(), seed=seed_of(config))
-
-
-QUALITY_METRIC, QUALITY_MODE = MQARTask.quality_metric, MQARTask.quality_mode
+def build_task(config: dict[str, Any], validate_only: bool = False):
+    """(task, its train section) for a trial config: what tests and tools build directly."""
+    sections = WORKLOAD.parse(config)
+    return WORKLOAD.make_task(sections, validate_only), sections.train

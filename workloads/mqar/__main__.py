@@ -1,5 +1,5 @@
 from workloads.common.cli import main
-from workloads.mqar import DEFAULTS, SMOKE, train_fn_per_worker
+from workloads.mqar import WORKLOAD
 
 if __name__ == "__main__":
-    main("mqar", DEFAULTS, SMOKE, train_fn_per_worker)
+    main(WORKLOAD)

@@ -1,14 +1,13 @@
 """`speed`: time and peak memory of forward and forward+backward per attention method as the sequence
 grows, on random inputs (the linear-vs-softmax curve); one report per length with step = length.
-It trains nothing: train_fn_per_worker measures and reports; `train.batch_size` is the batch measured."""
+It trains nothing: it measures and reports; `train.batch_size` is the batch measured."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from workloads.common.report import Reporter, default_reporter
-from workloads.common.sections import task_from_sections
-from workloads.common.train import TrainConfig
+from workloads.common.sections import standard_sections, standard_task
+from workloads.contract import Workload
 from workloads.speed.task import SpeedData, SpeedModel, SpeedTask
 
 DEFAULTS: dict[str, Any] = {
@@ -25,15 +24,20 @@ SMOKE: dict[str, Any] = {
     "train": {"batch_size": 2},
 }
 
+WORKLOAD = Workload(
+    name="speed",
+    summary=__doc__.split("\n\n")[0],
+    sections=standard_sections(SpeedModel, SpeedData),
+    defaults=DEFAULTS,
+    smoke=SMOKE,
+    quality_metric=SpeedTask.quality_metric,
+    quality_mode=SpeedTask.quality_mode,
+    make_task=standard_task(SpeedTask),
+    run=lambda task, sections, reporter: task.run(reporter),
+)
 
-def build_task(config: dict[str, Any], validate_only: bool = False) -> tuple[SpeedTask, TrainConfig]:
-    """Validate every section of a trial config; the task's build_model() is the measured module."""
-    return task_from_sections(config, SpeedTask, SpeedModel, SpeedData)
 
-
-def train_fn_per_worker(config: dict[str, Any], reporter: Reporter | None = None) -> dict[str, float]:
-    task, _ = build_task(config)
-    return task.run(reporter or default_reporter())
-
-
-QUALITY_METRIC, QUALITY_MODE = SpeedTask.quality_metric, SpeedTask.quality_mode
+def build_task(config: dict[str, Any], validate_only: bool = False):
+    """(task, its train section) for a trial config: what tests and tools build directly."""
+    sections = WORKLOAD.parse(config)
+    return WORKLOAD.make_task(sections, validate_only), sections.train

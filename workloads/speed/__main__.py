@@ -1,5 +1,5 @@
 from workloads.common.cli import main
-from workloads.speed import DEFAULTS, SMOKE, train_fn_per_worker
+from workloads.speed import WORKLOAD
 
 if __name__ == "__main__":
-    main("speed", DEFAULTS, SMOKE, train_fn_per_worker)
+    main(WORKLOAD)

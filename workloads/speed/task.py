@@ -121,9 +121,9 @@ class SpeedTask:
             except torch.OutOfMemoryError:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-                reporter.report({"perf/oom": 1.0, "perf/seq_len": float(length)}, length)
+                reporter.report({"perf/oom": 1.0, "perf/seq_len": float(length)}, length, evaluation=False)
                 break
             metrics["perf/oom"] = 0.0
-            reporter.report(metrics, length)
+            reporter.report(metrics, length, evaluation=True)  # every length is a measured point
             last = metrics
         return {k: v for k, v in last.items() if isinstance(v, float) and math.isfinite(v)}
