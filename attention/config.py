@@ -6,8 +6,10 @@ a message naming the field, the value given and what is allowed, before any GPU 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, ClassVar
 
 
@@ -32,6 +34,28 @@ def unknown_names(where: str, unknown: Iterable[str], allowed: Iterable[str]) ->
     unknown, allowed = sorted(unknown), list(allowed)
     return ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}{closest(unknown, allowed)}; "
                        f"allowed: {', '.join(allowed)}")
+
+
+# Inside a sweep's validation a knob that cannot change the computation at the workload's sizes (k >= the
+# keys there are, every token routed) is an error: the ablation would compare identical models. The
+# library itself allows such values (k = T is plain softmax, useful to test against it).
+_REJECT_INERT_KNOBS = contextvars.ContextVar("reject_inert_knobs", default=False)
+
+
+@contextlib.contextmanager
+def rejecting_inert_knobs() -> Iterator[None]:
+    token = _REJECT_INERT_KNOBS.set(True)
+    try:
+        yield
+    finally:
+        _REJECT_INERT_KNOBS.reset(token)
+
+
+def check_acts(cfg: Any, name: str, acts: bool, why: str) -> None:
+    """`why`: what the value does at these sizes, e.g. 'k=128 selects every key of 128-token sequences'."""
+    if not acts and _REJECT_INERT_KNOBS.get():
+        raise ConfigError(f"{_where(cfg, name)}: {why}, so the knob does not act; a sweep compares knobs "
+                          f"that change the computation: choose a smaller value or longer sequences")
 
 
 def _where(cfg: Any, name: str) -> str:

@@ -4,6 +4,7 @@ from attention.backend import BACKENDS
 from attention.config import (
     ConfigError,
     MethodConfig,
+    check_acts,
     check_bool,
     check_choice,
     check_float,
@@ -95,6 +96,7 @@ class Colt5Config(MethodConfig):
             if value > seq_len:
                 raise ConfigError(f"{self.method}.{name}: got {value} routed tokens for sequences of "
                                   f"{seq_len} tokens; allowed: 1 <= {name} <= {seq_len}")
+        self._check_routing_acts(seq_len, names)
         if self.route_block_size and not self.causal:
             blocks = -(-seq_len // self.route_block_size)
             for name in names:
@@ -103,6 +105,26 @@ class Colt5Config(MethodConfig):
                         f"{self.method}.{name}: got {getattr(self, name)} for {blocks} route blocks "
                         f"(route_block_size={self.route_block_size}, T={seq_len}); each block routes "
                         f"{name} // blocks tokens, so allowed: >= {blocks}")
+
+    def _check_routing_acts(self, seq_len: int, names: list[str]) -> None:
+        """Every routing knob selects: fewer tokens than there are to route from."""
+        if not self.causal:
+            for name in names:
+                value = getattr(self, name)
+                check_acts(self, name, value < seq_len, f"{name}={value} routes all {seq_len} tokens")
+            return
+        window = self.heavy_window
+        windows = -(-seq_len // window)
+        longest_past = (windows - 1) * window  # key/values come from the strict past of each window
+        check_acts(self, "heavy_window", windows > 1, f"heavy_window={window} puts all {seq_len} tokens in one "
+                   f"window, which has no past to route key/values from")
+        check_acts(self, "num_routed_kv", self.num_routed_kv < longest_past,
+                   f"num_routed_kv={self.num_routed_kv} routes the whole past of every window (at most "
+                   f"{longest_past} tokens at T={seq_len}, heavy_window={window})")
+        for name in ("window_routed_q", "window_routed_ff") if self.route_ff else ("window_routed_q",):
+            value = getattr(self, name)
+            check_acts(self, name, value < min(window, seq_len),
+                       f"{name}={value} routes every token of a {min(window, seq_len)}-token window")
 
     @property
     def heavy_head_count(self) -> int:

@@ -1,7 +1,7 @@
 import dataclasses
 
 from attention.backend import BACKENDS
-from attention.config import ConfigError, MethodConfig, check_choice, check_float, check_int
+from attention.config import ConfigError, MethodConfig, check_acts, check_choice, check_float, check_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,3 +35,5 @@ class CoorDescentConfig(MethodConfig):
         if self.sparsity_k > seq_len:
             raise ConfigError(f"{self.method}.sparsity_k: got {self.sparsity_k} for sequences of {seq_len} "
                               f"tokens; allowed: 1 <= sparsity_k <= {seq_len}")
+        check_acts(self, "sparsity_k", self.sparsity_k < seq_len,
+                   f"sparsity_k={self.sparsity_k} keeps every key of {seq_len}-token sequences")

@@ -1,7 +1,7 @@
 import dataclasses
 
 from attention.backend import BACKENDS
-from attention.config import ConfigError, MethodConfig, check_choice, check_int
+from attention.config import ConfigError, MethodConfig, check_acts, check_choice, check_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +30,14 @@ class LocalConfig(MethodConfig):
                 raise ConfigError(
                     f"{self.method}.look_forward: got {self.look_forward} with causal=True; a causal model "
                     "must not see later windows; allowed: 0 or None (None = 0 when causal, 1 otherwise)")
+
+    def check_seq_len(self, seq_len: int) -> None:
+        windows = -(-seq_len // self.window_size)
+        # every query sees every key it may (full attention) once the windows around it cover the sequence
+        reach = self.look_backward if self.causal else min(self.look_backward, self.forward_windows)
+        check_acts(self, "window_size", windows - 1 > reach,
+                   f"window_size={self.window_size} with look_backward={self.look_backward} lets every query "
+                   f"see the whole {seq_len}-token sequence: full attention")
 
     @property
     def forward_windows(self) -> int:

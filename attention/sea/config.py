@@ -1,7 +1,7 @@
 import dataclasses
 
 from attention.backend import BACKENDS
-from attention.config import ConfigError, MethodConfig, check_choice, check_float, check_int
+from attention.config import ConfigError, MethodConfig, check_acts, check_choice, check_float, check_int
 
 TOPK_GROUPS = ("head", "query")
 
@@ -46,3 +46,4 @@ class SeaConfig(MethodConfig):
             if value > seq_len:
                 raise ConfigError(f"{self.method}.{name}: got {value} for sequences of {seq_len} tokens; "
                                   f"allowed: <= {seq_len}")
+        check_acts(self, "k", self.k < seq_len, f"k={self.k} keeps every key of {seq_len}-token sequences")

@@ -1,7 +1,7 @@
 import dataclasses
 
 from attention.backend import BACKENDS
-from attention.config import ConfigError, MethodConfig, check_choice, check_int
+from attention.config import ConfigError, MethodConfig, check_acts, check_choice, check_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,3 +28,4 @@ class TopkConfig(MethodConfig):
         if self.k > seq_len:
             raise ConfigError(f"{self.method}.k: got {self.k} for sequences of {seq_len} tokens; "
                               f"allowed: 1 <= k <= {seq_len}")
+        check_acts(self, "k", self.k < seq_len, f"k={self.k} keeps every key of {seq_len}-token sequences")
