@@ -8,7 +8,8 @@ A workload declares (`WORKLOAD = Workload(...)` in its package):
 - the defaults of a trial config and the overrides of `--smoke` (tiny sizes that test the machinery);
 - its quality metric and whether lower or higher is better;
 - `make_task(sections, validate_only)`: the task from validated sections (data loads on first use);
-- `run(task, sections, reporter)`: train (or measure), reporting every point; the last metrics back.
+- `run(task, sections, reporter)`: train (or measure), reporting every point; the last metrics back;
+- optionally `floors(task)`: its trivial floors on the validation split (`Floor`), the primary one first.
 
 `build(config)` gives the task and the resolved config: every field of every section, defaults included
 (what a trial logs as its params). Points a scheduler may act on are reported with `evaluation=True`.
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -31,7 +34,7 @@ from workloads.common.scratch import remove_orphans as remove_orphaned_scratch
 WORKLOADS = ("lm", "mqar", "image", "lora", "completion", "speed", "distill")
 MODES = ("min", "max")
 
-__all__ = ["WORKLOADS", "ConfigError", "ForwardingReporter", "LocalReporter", "Reporter", "Sections",
+__all__ = ["WORKLOADS", "ConfigError", "Floor", "ForwardingReporter", "LocalReporter", "Reporter", "Sections",
            "TrainingDiverged", "Workload", "flatten", "get", "merge", "remove_orphaned_scratch", "scratch_dir"]
 
 
@@ -42,6 +45,41 @@ class TrainingDiverged(RuntimeError):
     def __init__(self, step: int, metric: str, value: float):
         super().__init__(f"training diverged at step {step}: {metric} = {value}")
         self.step, self.metric, self.value = step, metric, value
+
+
+@dataclasses.dataclass(frozen=True)
+class Floor:
+    """A trivial floor: what a predictor that learns nothing beyond simple statistics of the data scores on
+    the workload's validation split, in the units of its quality metric (bigram entropy in bpc, majority-
+    class accuracy, chance recall). A model has learned something beyond it only when it ends more than
+    `margin` past it: below `value - margin` for a "min" metric, above `value + margin` for "max".
+
+    name: a metric-key-friendly label (lowercase, digits, _), e.g. "bigram"; unit: the metric's unit;
+    why: one short sentence a report prints, e.g. "predicting each character from the previous one alone"."""
+
+    name: str
+    value: float
+    margin: float
+    unit: str
+    why: str
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", self.name):
+            raise ValueError(f"Floor.name: got {self.name!r}, allowed: lowercase letters, digits and _, "
+                             f"starting with a letter")
+        for field in ("value", "margin"):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"Floor.{field} ({self.name}): got {v!r}, allowed: a finite number")
+            object.__setattr__(self, field, float(v))
+        if self.margin < 0:
+            raise ValueError(f"Floor.margin ({self.name}): got {self.margin!r}, allowed: a number >= 0")
+
+    def cleared(self, value: float, mode: str) -> bool:
+        """Whether a final metric `value` is past the floor by more than its margin (NaN never is)."""
+        if mode not in MODES:
+            raise ValueError(f"mode: got {mode!r}, allowed: {', '.join(MODES)}")
+        return value < self.value - self.margin if mode == "min" else value > self.value + self.margin
 
 
 class Sections:
@@ -73,10 +111,15 @@ class Workload:
     quality_mode: str
     make_task: Callable[[Sections, bool], Any]
     run: Callable[[Any, Sections, Reporter], dict[str, float]]
+    # The trivial floors of a built task on its validation split, the primary one (the one a baseline must
+    # clear) first; None: the workload has none (speed measures, it does not learn).
+    floors: Callable[[Any], list[Floor]] | None = None
 
     def __post_init__(self):
         if self.quality_mode not in MODES:
             raise ValueError(f"{self.name}: quality_mode must be one of {MODES}, got {self.quality_mode!r}")
+        if self.floors is not None and not callable(self.floors):
+            raise ValueError(f"{self.name}: floors must be a function of the task or None, got {self.floors!r}")
         missing = set(self.sections) - set(self.defaults)
         if missing or "seed" not in self.defaults:
             raise ValueError(f"{self.name}: defaults need every section and a seed; missing {sorted(missing)}")
@@ -124,6 +167,23 @@ class Workload:
         # says what it really runs with
         resolved = {**sections.resolved(), **getattr(task, "resolved_sections", {})}
         return task, {"workload": self.name, "seed": sections.seed, **resolved}
+
+    def trivial_floors(self, config: Mapping[str, Any]) -> list[Floor]:
+        """The trivial floors of a trial config's validation split, primary first ([] when the workload
+        declares none). Builds the task for real: the data loads (and is prepared on first use)."""
+        sections = self.parse(config)
+        if self.floors is None:
+            return []
+        floors = list(self.floors(self.make_task(sections, False)))
+        for floor in floors:
+            if not isinstance(floor, Floor):
+                raise TypeError(f"{self.name}: floors must return Floor objects, got {floor!r}")
+        return floors
+
+    def build_task(self, config: Mapping[str, Any], validate_only: bool = False) -> tuple[Any, Any]:
+        """(the task, its train section): what tests and tools that drive the training loop build."""
+        sections = self.parse(config)
+        return self.make_task(sections, validate_only), sections.train
 
     def train(self, config: Mapping[str, Any], reporter: Reporter | None = None) -> dict[str, float]:
         sections = self.parse(config)

@@ -91,9 +91,9 @@ def test_bad_distill_settings_name_the_field(teacher_dir, tmp_path):
 
 
 def param_space_for_distill():
-    from orchestrator.spec import SweepSpec
+    from orchestrator.spec import Profile, SweepSpec
 
-    return param_space(SweepSpec("t", "", "distill", space={}), smoke=True)
+    return param_space(SweepSpec("t", "", "distill", cpu=Profile(space={})), "smoke")
 
 
 def test_best_softmax_trial_of_a_sweep_is_found_in_mlflow(teacher_dir, tmp_path):

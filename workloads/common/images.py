@@ -256,3 +256,29 @@ def load_images(name: str, variant: str = "plain", cache_dir: Path | None = None
     test_x, test_y = _from_arrow(read_saved_dataset(cache / "test"), shape)  # `datasets` import in a trial
     return ImageSplits(name, variant, info["sha256"], info["classes"], apply_variant(train_x, variant),
                        train_y, apply_variant(test_x, variant), test_y)
+
+
+# --- trivial floors of an accuracy ---------------------------------------------------------------------
+
+# The least an accuracy must exceed a trivial floor by to count as learned: 5 points, a gain no
+# evaluation noise explains at the default sizes (2,000 images, 8,192 MQAR queries: one standard error is
+# under 1 point) and about the smallest a comparison of methods would care about.
+MIN_ACCURACY_MARGIN = 0.05
+
+
+def majority_accuracy(labels: np.ndarray) -> float:
+    """The accuracy of always predicting the most frequent label of `labels` itself (the best constant
+    prediction on this very set, so the strictest majority-class floor)."""
+    labels = np.asarray(labels)
+    if labels.size == 0:
+        raise ValueError("majority_accuracy: no labels")
+    return float(np.bincount(labels.astype(np.int64).ravel()).max() / labels.size)
+
+
+def accuracy_margin(floor: float, count: int) -> float:
+    """How far above an accuracy floor a model must end: MIN_ACCURACY_MARGIN, or two binomial standard
+    errors of the floor's accuracy on `count` evaluated items when the set is so small that noise alone
+    would carry a trivial predictor further (the smoke sizes, the 64 completed images)."""
+    if count < 1:
+        raise ValueError(f"accuracy_margin: count must be >= 1, got {count}")
+    return max(MIN_ACCURACY_MARGIN, 2 * float(np.sqrt(floor * (1 - floor) / count)))

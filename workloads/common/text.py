@@ -103,3 +103,28 @@ def load_text_corpus(source: str = "auto", cache_dir: Path | None = None) -> Cor
         return np.frombuffer(b"".join(b for s, b in zip(splits, blobs) if s == want), dtype=np.uint8)
 
     return Corpus(name, table.column("sha256")[0].as_py(), join("train"), join("val"))
+
+
+# --- trivial floors: what simple statistics of the text predict -----------------------------------------
+
+def _entropy_bits(counts: np.ndarray) -> float:
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+def unigram_entropy(ids: np.ndarray) -> float:
+    """H(X) in bits per byte: the plug-in entropy of the byte frequencies of `ids` itself."""
+    if len(ids) < 1:
+        raise ValueError("unigram_entropy: the text is empty")
+    return _entropy_bits(np.bincount(np.asarray(ids, dtype=np.int64), minlength=VOCAB))
+
+
+def bigram_entropy(ids: np.ndarray) -> float:
+    """H(X_t | X_{t-1}) in bits per byte: the plug-in conditional entropy over the len(ids) - 1 adjacent
+    pairs of `ids` itself, H(X_{t-1}, X_t) - H(X_{t-1}) (the second minus the entropy of the pairs' first
+    bytes): the cross-entropy, on this text, of the best predictor of each byte from the one before it."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if len(ids) < 2:
+        raise ValueError("bigram_entropy: the text needs at least 2 bytes (one pair)")
+    pairs = np.bincount(ids[:-1] * VOCAB + ids[1:], minlength=VOCAB * VOCAB).reshape(VOCAB, VOCAB)
+    return _entropy_bits(pairs.ravel()) - _entropy_bits(pairs.sum(1))

@@ -11,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-import resource
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -105,11 +105,30 @@ def lr_lambda(cfg: TrainConfig):
     return f
 
 
-def peak_mem_mib(device: torch.device) -> float:
+def memory_metrics(device: torch.device) -> dict[str, float]:
+    """The trial's own peak allocation on a GPU (reset when training starts). None on the CPU: the only
+    figure there is the process's peak resident set, which grows with every trial a reused process ran
+    (and counts the data, the interpreter, ...): not a property of the method."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    # CPU: the process's peak resident set (ru_maxrss is KiB on Linux), an upper bound on the model's.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return {"perf/peak_mem_mib": torch.cuda.max_memory_allocated(device) / 2**20}
+    return {}
+
+
+class Throughput:
+    """Tokens/s as the median over the logging windows in steady state: the first window (and any that
+    started in the first 5% of the steps) pays for warm-up (allocation, kernel selection, compilation)."""
+
+    def __init__(self, total_steps: int):
+        self.skip_until = max(1, total_steps // 20)
+        self.steady: list[tuple[float, float]] = []  # (tokens/s, ms a step) of each steady window
+
+    def add(self, first_step: int, steps: int, items: int, seconds: float) -> dict[str, float]:
+        rate, step_ms = items / seconds, 1000 * seconds / steps
+        if first_step >= self.skip_until:
+            self.steady.append((rate, step_ms))
+        shown = self.steady or [(rate, step_ms)]  # until a steady window comes, the warm-up one stands in
+        return {"perf/tokens_per_s": statistics.median(r for r, _ in shown),
+                "perf/step_ms": statistics.median(m for _, m in shown), "perf/window_tokens_per_s": rate}
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
@@ -159,6 +178,7 @@ def fit(task: Task, cfg: TrainConfig, reporter: Reporter, seed: int = 0,
     train_seconds = 0.0  # time inside training steps (GPU synchronised): what a sweep's GPU is busy for
     reporter.on_train_start()
     window_loss, window_items, window_time, window_steps = 0.0, 0, 0.0, 0
+    throughput = Throughput(cfg.steps)
     for step in range(start_step, cfg.steps):
         model.train()
         t0 = time.perf_counter()
@@ -192,9 +212,9 @@ def fit(task: Task, cfg: TrainConfig, reporter: Reporter, seed: int = 0,
         if done % cfg.log_every != 0 and not is_eval:
             continue
         metrics = {"train/loss": window_loss / window_steps,
-                   "perf/step_ms": 1000 * window_time / window_steps,
-                   "perf/tokens_per_s": window_items / window_time}
-        metrics.update({"train/lr": scheduler.get_last_lr()[0], "perf/peak_mem_mib": peak_mem_mib(device),
+                   **throughput.add(done - window_steps, window_steps, window_items, window_time),
+                   **memory_metrics(device)}
+        metrics.update({"train/lr": scheduler.get_last_lr()[0],
                         "params/trainable": float(trainable), "params/total": float(total),
                         "perf/workers": float(reporter.world_size), "perf/train_s": train_seconds})
         metrics.update(_aux_metrics(_unwrap(model)))

@@ -36,12 +36,9 @@ WORKLOAD = Workload(
     smoke=SMOKE,
     quality_metric=CompletionTask.quality_metric,
     quality_mode=CompletionTask.quality_mode,
+    floors=CompletionTask.floors,
     make_task=standard_task(CompletionTask),
     run=fit_run(lambda task: {"data.sha256": task.splits[0].sha256}),
 )
 
-
-def build_task(config: dict[str, Any], validate_only: bool = False):
-    """(task, its train section) for a trial config: what tests and tools build directly."""
-    sections = WORKLOAD.parse(config)
-    return WORKLOAD.make_task(sections, validate_only), sections.train
+build_task = WORKLOAD.build_task

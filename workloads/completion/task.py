@@ -23,9 +23,11 @@ import torch.nn.functional as F
 from attention import MethodConfig
 from attention.models import DecoderLM
 from workloads.common.config import require
-from workloads.common.images import CLASSES, DATASETS, SHAPES, load_images
+from workloads.common.images import CLASSES, DATASETS, SHAPES, accuracy_margin, load_images, majority_accuracy
+from workloads.common.train import pick_device
 from workloads.completion.generate import complete, is_recurrent
 from workloads.completion.pixels import cached_classifier, classify, to_tokens
+from workloads.contract import Floor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,3 +166,34 @@ class CompletionTask:
             "perf/gen_tokens_per_s": n * hidden / seconds,
             "gen/recurrent": float(recurrent),
         }
+
+    @torch.no_grad()
+    def floors(self) -> list[Floor]:
+        """What the judging classifier scores on trivial completions of the same `complete_examples` test
+        images val/acc reads, strictest first: the hidden half filled with the training images' mean
+        pixels (a model that ignores its prompt; the strictest at the default sizes, 0.48 against 0.42
+        black on MNIST), left black (= val/acc_occluded), and majority-class accuracy on those images.
+        Uses the same cached classifier as evaluate (trained once per machine and device: seconds on a GPU,
+        ~20 s on two CPU cores at the default MNIST sizes, reused by every trial on that machine)."""
+        images, tokens = self.splits
+        n = min(self.data.complete_examples, len(images.test_labels))
+        device = pick_device()
+        truth = torch.from_numpy(tokens["test"][:n]).to(device)
+        labels = torch.from_numpy(images.test_labels[:n]).to(device)
+        classifier = self.classifier(device)
+        mean = torch.from_numpy(np.rint(tokens["train"].mean(0)).astype(np.int64)).to(device)
+        mean_fill, blank = truth.clone(), truth.clone()
+        mean_fill[:, self.prompt_len:] = mean[self.prompt_len:]
+        blank[:, self.prompt_len:] = 0
+
+        def floor(name: str, acc: float, why: str) -> Floor:
+            return Floor(name, acc, accuracy_margin(acc, n), "accuracy", why)
+
+        with torch.autocast(device.type, enabled=False):
+            accs = {x: (classify(classifier, filled) == labels).float().mean().item()
+                    for x, filled in (("mean", mean_fill), ("blank", blank))}
+        floors = [floor("mean_fill", accs["mean"], "the hidden half filled with the training images' mean"),
+                  floor("blank_fill", accs["blank"], "the hidden half left black"),
+                  floor("majority_class", majority_accuracy(images.test_labels[:n]),
+                        "always predicting the most frequent class of the completed images")]
+        return sorted(floors, key=lambda f: -(f.value + f.margin))  # stable: ties keep this order

@@ -53,12 +53,9 @@ WORKLOAD = Workload(
     smoke=SMOKE,
     quality_metric=DistillTask.quality_metric,
     quality_mode=DistillTask.quality_mode,
+    floors=DistillTask.floors,
     make_task=_make_task,
     run=_run,
 )
 
-
-def build_task(config: dict[str, Any], validate_only: bool = False):
-    """(task, its train section) for a trial config: what tests and tools build directly."""
-    sections = WORKLOAD.parse(config)
-    return WORKLOAD.make_task(sections, validate_only), sections.train
+build_task = WORKLOAD.build_task

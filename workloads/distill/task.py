@@ -31,6 +31,7 @@ from workloads.common.config import require
 from workloads.common.report import ForwardingReporter, Reporter
 from workloads.common.text import VOCAB
 from workloads.common.train import TrainConfig, fit
+from workloads.contract import Floor
 from workloads.lm.task import LMData, LMModel, LMTask
 
 MODES = ("distill", "finetune", "scratch")
@@ -169,6 +170,10 @@ class DistillTask:
     def resolved_sections(self) -> dict[str, dict]:
         """The student's attn and model sections as it really runs (a teacher's sizes replace the given)."""
         return {"attn": self.student.attn.to_dict(), "model": dataclasses.asdict(self.student.model_cfg)}
+
+    def floors(self) -> list[Floor]:
+        """The student's: the character LM's bigram and unigram entropy of the validation text (bpc)."""
+        return self.student.floors()
 
     def teacher_task(self) -> LMTask:
         heads = self.cfg.teacher_heads or self.student.attn.heads

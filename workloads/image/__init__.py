@@ -33,12 +33,9 @@ WORKLOAD = Workload(
     smoke=SMOKE,
     quality_metric=ImageTask.quality_metric,
     quality_mode=ImageTask.quality_mode,
+    floors=ImageTask.floors,
     make_task=standard_task(ImageTask, check_attn=check_bidirectional),
     run=fit_run(lambda task: {"data.sha256": task.images.sha256}),
 )
 
-
-def build_task(config: dict[str, Any], validate_only: bool = False):
-    """(task, its train section) for a trial config: what tests and tools build directly."""
-    sections = WORKLOAD.parse(config)
-    return WORKLOAD.make_task(sections, validate_only), sections.train
+build_task = WORKLOAD.build_task

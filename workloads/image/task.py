@@ -12,7 +12,17 @@ from torch import nn
 
 from attention import MethodConfig
 from workloads.common.config import require
-from workloads.common.images import CLASSES, DATASETS, SHAPES, VARIANTS, ImageSplits, load_images
+from workloads.common.images import (
+    CLASSES,
+    DATASETS,
+    SHAPES,
+    VARIANTS,
+    ImageSplits,
+    accuracy_margin,
+    load_images,
+    majority_accuracy,
+)
+from workloads.contract import Floor
 from workloads.image.model import ViT, ViTConfig, to_pixels
 
 EVAL_CHUNK = 500  # test images per forward pass during evaluation
@@ -89,3 +99,11 @@ class ImageTask:
     def evaluate(self, model, device) -> dict[str, float]:
         loss, acc = accuracy(model, *self.eval_split(), device)
         return {"val/loss": loss, "val/acc": acc}
+
+    def floors(self) -> list[Floor]:
+        """Majority-class accuracy on the evaluation images (eval_split: the variant's, for lora; the
+        labels are the same whatever the variant)."""
+        _, labels = self.eval_split()
+        acc = majority_accuracy(labels)
+        return [Floor("majority_class", acc, accuracy_margin(acc, len(labels)), "accuracy",
+                      "always predicting the most frequent class of the evaluation images")]

@@ -30,12 +30,9 @@ WORKLOAD = Workload(
     smoke=SMOKE,
     quality_metric=LMTask.quality_metric,
     quality_mode=LMTask.quality_mode,
+    floors=LMTask.floors,
     make_task=standard_task(LMTask),
     run=fit_run(lambda task: {"data.sha256": task.corpus.sha256, "data.corpus": task.corpus.name}),
 )
 
-
-def build_task(config: dict[str, Any], validate_only: bool = False):
-    """(task, its train section) for a trial config: what tests and tools build directly."""
-    sections = WORKLOAD.parse(config)
-    return WORKLOAD.make_task(sections, validate_only), sections.train
+build_task = WORKLOAD.build_task

@@ -43,15 +43,12 @@ WORKLOAD = Workload(
     smoke=SMOKE,
     quality_metric=LoRATask.quality_metric,
     quality_mode=LoRATask.quality_mode,
+    floors=LoRATask.floors,
     make_task=_make_task,
     run=fit_run(lambda task: {"data.sha256": task.images.sha256}),
 )
 
-
-def build_task(config: dict[str, Any], validate_only: bool = False):
-    """(task, its train section) for a trial config: what tests and tools build directly."""
-    sections = WORKLOAD.parse(config)
-    return WORKLOAD.make_task(sections, validate_only), sections.train
+build_task = WORKLOAD.build_task
 
 
 __all__ = ["DEFAULTS", "MODES", "SMOKE", "WORKLOAD", "build_task"]

@@ -36,12 +36,9 @@ WORKLOAD = Workload(
     smoke=SMOKE,
     quality_metric=MQARTask.quality_metric,
     quality_mode=MQARTask.quality_mode,
+    floors=MQARTask.floors,
     make_task=standard_task(MQARTask),
     run=fit_run(),
 )
 
-
-def build_task(config: dict[str, Any], validate_only: bool = False):
-    """(task, its train section) for a trial config: what tests and tools build directly."""
-    sections = WORKLOAD.parse(config)
-    return WORKLOAD.make_task(sections, validate_only), sections.train
+build_task = WORKLOAD.build_task

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from attention import MethodConfig
 from attention.models import DecoderLM
 from workloads.common.config import require
+from workloads.common.images import accuracy_margin
+from workloads.contract import Floor
 
 IGNORE = -100  # label of positions that are not queries (F.cross_entropy's ignore_index)
 
@@ -120,3 +122,19 @@ class MQARTask:
             remaining -= size
             chunk += 1
         return {"val/loss": total / count, "val/acc": correct / count, "val/acc_seq": seq_correct / seqs}
+
+    def floors(self) -> list[Floor]:
+        """Chance recall, exact for the generator (mqar_batch), in val/acc's units (accuracy over the N
+        query positions of eval_examples sequences). Primary: 1/N, a model that has learned the format (the
+        answer is one of the N values shown in the pairs) but not which value its key was paired with:
+        keys and values are paired at random and the answer never appears in the input. The model whose
+        note is in DEFAULTS (16 pairs) "sat at 0.08", just above this 1/16. Second: uniform guessing over
+        the value tokens (the upper half of the vocabulary), a model that learned only where to answer."""
+        d = self.data
+        queries = d.eval_examples * d.num_kv_pairs
+        in_context = 1 / d.num_kv_pairs
+        any_value = 1 / (d.vocab_size - d.vocab_size // 2)
+        return [Floor("recall_chance", in_context, accuracy_margin(in_context, queries), "accuracy",
+                      "guessing one of the N values shown in the context, without recalling its key"),
+                Floor("value_chance", any_value, accuracy_margin(any_value, queries), "accuracy",
+                      "guessing uniformly among the vocabulary's value tokens")]

@@ -36,8 +36,4 @@ WORKLOAD = Workload(
     run=lambda task, sections, reporter: task.run(reporter),
 )
 
-
-def build_task(config: dict[str, Any], validate_only: bool = False):
-    """(task, its train section) for a trial config: what tests and tools build directly."""
-    sections = WORKLOAD.parse(config)
-    return WORKLOAD.make_task(sections, validate_only), sections.train
+build_task = WORKLOAD.build_task
