@@ -5,7 +5,7 @@ reused, warm actors).
     python benchmarks/bench_sweep_overhead.py                          # 8 trials, CPU-sized
     python benchmarks/bench_sweep_overhead.py --steps 3000 --gpus-per-trial 0.25   # on one GPU
 
-Each run is `python -m orchestrator.sweep softmax --num-samples 2` (4 configs x 2 = 8 trials) in a fresh
+Each run is `python -m orchestrator.sweep softmax --seeds 0,1` (4 configs x 2 seeds = 8 trials) in a fresh
 working dir with a fresh local Ray, read back from its MLflow store:
 - wall: the sweep command's wall time, Ray start-up included;
 - busy: the union over trials of [first training step, last training step] divided by wall, i.e. the
@@ -68,7 +68,7 @@ def _mean(runs: list[dict], key: str) -> float | None:
 
 def run(executor: str, args) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix=f"bench-{executor}-"))
-    cmd = [sys.executable, "-m", "orchestrator.sweep", "softmax", "--num-samples", "2", "--executor", executor,
+    cmd = [sys.executable, "-m", "orchestrator.sweep", "softmax", "--seeds", "0,1", "--executor", executor,
            "--set", f"train.steps={args.steps}", f"train.eval_every={max(1, args.steps // 4)}",
            f"model.depth={args.depth}", f"data.seq_len={args.seq_len}"]
     if args.gpus_per_trial is not None:
@@ -135,7 +135,7 @@ def main() -> None:
     p.add_argument("--executors", nargs="+", default=["train", "inline"])
     args = p.parse_args()
     rows = [run(e, args) for e in args.executors]
-    print(f"\nsweep: softmax x 2 samples, train.steps={args.steps}, model.depth={args.depth}, "
+    print(f"\nsweep: softmax x 2 seeds, train.steps={args.steps}, model.depth={args.depth}, "
           f"seq_len={args.seq_len}, gpus_per_trial={args.gpus_per_trial}")
     print("| executor | trials | at once | wall s | busy | mean startup s | overhead/trial s | training s (sum) "
           "| idle before first step s | idle gaps s | idle after last step s | GPU utilisation (NVML) |")

@@ -6,6 +6,7 @@ exit status: 0 done, 1 a trial failed, 2 bad input (nothing started, nothing wri
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -15,8 +16,11 @@ from orchestrator.spec import check_sweep_name, sweep_names
 
 SEARCHES = ("grid", "random", "optuna")
 EXECUTORS = ("auto", "inline", "train")
+PROFILES = ("auto", "smoke", "cpu", "gpu")
+SCHEDULERS = ("auto", "fifo", "asha")
 # Options that define what a sweep runs: a resumed sweep takes them from its first start.
-DEFINING = {"smoke": False, "workload": None, "set": [], "search": "grid", "num_samples": 1}
+DEFINING = {"profile": "auto", "workload": None, "set": [], "search": "grid", "num_samples": 1, "seeds": None,
+            "scheduler": "auto"}
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
@@ -24,7 +28,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m orchestrator.sweep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("name", help=f"the sweep: {', '.join(sweep_names())}")
-    p.add_argument("--smoke", action="store_true", help="tiny sizes: CPU, a minute or two")
+    p.add_argument("--profile", default="auto",
+                   help="the sweep's sizes: smoke (tiny: tests the machinery), cpu (a few minutes of a laptop), "
+                        "gpu (models that learn past the trivial floor); auto (default): gpu where trials get "
+                        "GPUs, else cpu")
+    p.add_argument("--smoke", action="store_true", help="the same as --profile smoke")
+    p.add_argument("--seeds", default=None, metavar="S,S,...",
+                   help="seeds each config runs with, e.g. 0,1,2 (default: the profile's: 3 on a GPU)")
+    p.add_argument("--scheduler", default="auto",
+                   help="fifo: every trial gets the whole budget; asha: stop the worse trials early, within each "
+                        "comparison group the sweep declares, never the baseline; auto (default): the sweep's "
+                        "(fifo for the named sweeps)")
     p.add_argument("--workload", help="run the sweep on another workload than its default")
     p.add_argument("--search", default="grid", help=f"{', '.join(SEARCHES)} (default grid)")
     p.add_argument("--num-samples", type=int, default=1, help="repeats of the grid / samples drawn")
@@ -46,6 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override a config value for every trial, e.g. train.steps=100 or seed=1")
     p.add_argument("--max-failures", type=int, default=2, help="worker retries per trial")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="Tune's trial tables and every trial's own log lines instead of one line per trial")
     p.add_argument("--capacity", nargs="*", default=[], metavar="RESOURCE=N",
                    help="what an autoscaling cluster grows to, e.g. CPU=64 GPU=8: concurrency is sized for it "
                         "instead of for the nodes up when the sweep starts")
@@ -54,6 +70,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> None:
     """The arguments that need no sweep loaded and nothing started."""
+    if args.smoke:
+        if args.profile not in ("auto", "smoke"):
+            raise ConfigError(f"--smoke: the same as --profile smoke, got --profile {args.profile} too")
+        args.profile, args.smoke = "smoke", False
+    if args.profile not in PROFILES:
+        raise ConfigError(f"--profile: got {args.profile!r}, allowed: {', '.join(PROFILES)}")
+    if args.scheduler not in SCHEDULERS:
+        raise ConfigError(f"--scheduler: got {args.scheduler!r}, allowed: {', '.join(SCHEDULERS)}")
+    if isinstance(args.seeds, str):
+        args.seeds = parse_seeds(args.seeds)
     if args.search not in SEARCHES:
         raise ConfigError(f"--search: got {args.search!r}, allowed: {', '.join(SEARCHES)}")
     if args.executor not in EXECUTORS:
@@ -75,6 +101,16 @@ def check_args(args: argparse.Namespace) -> None:
     if args.num_samples < 1:
         raise ConfigError(f"--num-samples: must be >= 1, got {args.num_samples}")
     check_sweep_name(args.name)
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds: got {text!r}, allowed: distinct integers >= 0 separated by commas, e.g. 0,1,2")
+    return seeds
 
 
 def apply_saved(args: argparse.Namespace, saved: dict) -> argparse.Namespace:
@@ -107,6 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from orchestrator import ray_session
 
+    if not args.verbose:
+        # MLflow's store creation and migrations speak at INFO (MLflow sets its level when imported), and
+        # Tune's newer console output prints its tables and hints whatever `verbose` says
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        logging.getLogger("alembic").setLevel(logging.WARNING)
     if ray_session.embedded(args.address):
         ray_session.use_loopback_only()
     from orchestrator.sweep import run

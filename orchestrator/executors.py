@@ -41,6 +41,20 @@ class SweepContext:
     quality_mode: str
     max_failures: int = 2
     done_trials: frozenset[str] = frozenset()  # resumed sweep: finished, stopped early or diverged
+    swept: tuple[str, ...] = ()                # the dotted config keys the sweep varies (orchestrator.labels)
+    group_by: tuple[str, ...] = ()             # config keys of the comparison groups
+
+    def run_tags(self, config: dict[str, Any]) -> tuple[str, dict[str, str]]:
+        """A trial's run name and tags: its config label, group, and each swept knob as `swept.KEY`
+        (MLflow's compare view shows these, not the constants)."""
+        from orchestrator.labels import config_label, run_name
+        from orchestrator.spec import group_label
+        from workloads.contract import flatten
+
+        flat = flatten(config)
+        tags = {"config": config_label(config, self.swept), "group": group_label(config, self.group_by),
+                **{f"swept.{k}": str(flat[k]) for k in self.swept if k in flat}}
+        return run_name(config, self.swept), tags
 
 
 def open_child_run(client, config: dict[str, Any], ctx: SweepContext, trial_id: str) -> tuple[str, bool]:
@@ -51,8 +65,9 @@ def open_child_run(client, config: dict[str, Any], ctx: SweepContext, trial_id: 
 
     full = resolved(config)  # every knob, defaults included: what the trial really runs with
     done = trial_id in ctx.done_trials
+    name, tags = ctx.run_tags(config)
     run_id, finished = tracking.get_or_create_child_run(client, ctx.parent_run_id, trial_id, full,
-                                                        full["seed"], revive=not done)
+                                                        full["seed"], revive=not done, name=name, tags=tags)
     finished = finished or done
     if not finished:
         client.log_dict(run_id, full, "config.json")

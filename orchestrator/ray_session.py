@@ -48,7 +48,8 @@ def forwarded_env(environ: dict[str, str]) -> tuple[dict[str, str], list[str]]:
     return {k: v for k, v in chosen.items() if k not in withheld}, withheld
 
 
-def start(address: str | None) -> None:
+def start(address: str | None, verbose: bool = False) -> None:
+    """verbose: every trial's own output (Ray forwards the workers' stdout and stderr) in this console."""
     import ray
 
     if address:
@@ -57,15 +58,15 @@ def start(address: str | None) -> None:
             print(f"note: not passing {', '.join(withheld)} to the cluster (Ray logs a job's environment and "
                   f"serves it on its dashboard): give the cluster's workers credentials from its own secrets",
                   file=sys.stderr)
-        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env} if env else None)
+        ray.init(address=address, log_to_driver=verbose, runtime_env={"env_vars": env} if env else None)
         return
     if os.environ.get("RAY_ADDRESS"):  # inside `ray job submit`: the job's runtime env already applies
-        ray.init(address="auto", log_to_driver=True)
+        ray.init(address="auto", log_to_driver=verbose)
         return
     _forget_dead_local_cluster()
     # the dashboard on: without it, a second trial's workers were seen never to start (ENVIRONMENT.md)
-    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
-             configure_logging=True, logging_level="WARNING")
+    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=verbose,
+             configure_logging=True, logging_level="INFO" if verbose else "WARNING")
 
 
 def _forget_dead_local_cluster() -> None:

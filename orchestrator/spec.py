@@ -10,23 +10,52 @@ import pkgutil
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from attention.config import ConfigError, closest
+from attention.config import ConfigError, closest, rejecting_inert_knobs
 from workloads import contract
+
+PROFILES = ("smoke", "cpu", "gpu")
+SCHEDULERS = ("fifo", "asha")
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """A sweep at one size. `base` overrides the workload's defaults (model, data, training budget);
+    `space` is the Tune param_space fragment searched at that size (typically {"attn":
+    tune.grid_search([...])}), with knob values that act at those sizes; `seeds` each config runs with;
+    `shows`: one sentence on what a run of this size can tell (printed when the sweep starts)."""
+
+    space: Mapping[str, Any]
+    base: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    shows: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
 class SweepSpec:
-    """A sweep: `space` is a Tune param_space fragment over the trial config (typically
-    {"attn": tune.grid_search([...])}); `base` and `smoke` override the workload's defaults."""
+    """A named sweep: its workload, its profiles (`smoke`: tiny sizes that test the machinery; `cpu`: what
+    a few minutes of a laptop allow; `gpu`: sizes whose baseline learns past the workload's trivial
+    floor), the scheduler (FIFO: every trial gets the same budget), the comparison groups ASHA may cut
+    within (config keys such as "data.variant"; the baseline is never cut), and the baseline: the part
+    of a trial config that makes it the reference the others are compared with."""
 
     name: str
     description: str
     workload: str
-    space: Mapping[str, Any]
-    base: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    smoke_space: Mapping[str, Any] | None = None   # a smaller space for --smoke (default: `space`)
-    smoke: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    grace_fraction: float = 0.25                    # ASHA's first rung, as a fraction of train.steps
+    cpu: Profile
+    gpu: Profile | None = None            # None: the cpu profile on GPUs too
+    smoke: Profile | None = None          # None: the cpu profile's space at the workload's smoke sizes
+    scheduler: str = "fifo"
+    group_by: tuple[str, ...] = ()
+    baseline: Mapping[str, Any] = dataclasses.field(default_factory=lambda: {"attn": {"method": "softmax"}})
+    grace_fraction: float = 0.25          # ASHA's first rung, as a fraction of train.steps
+
+    def profile(self, name: str) -> Profile:
+        if name not in PROFILES:
+            raise ConfigError(f"--profile: got {name!r}, allowed: {', '.join(PROFILES)}")
+        chosen = {"smoke": self.smoke, "cpu": self.cpu, "gpu": self.gpu}[name]
+        if chosen is None:  # smoke: the cpu space, one seed; gpu: the cpu profile
+            return dataclasses.replace(self.cpu, base={}, seeds=(0,)) if name == "smoke" else self.cpu
+        return chosen
 
 
 def grid(method: str, **knobs: list[Any]) -> list[dict[str, Any]]:
@@ -103,18 +132,44 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def param_space(spec: SweepSpec, smoke: bool, workload: str | None = None,
-                overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The full Tune param_space: workload defaults < sweep base < --smoke < space < overrides."""
+def param_space(spec: SweepSpec, profile: str = "cpu", workload: str | None = None,
+                overrides: Mapping[str, Any] | None = None, seeds: tuple[int, ...] | None = None) -> dict[str, Any]:
+    """The full Tune param_space: workload defaults < (smoke sizes) < the profile's base < its space <
+    `--set` overrides; the seed a grid over the profile's seeds (or `seeds`)."""
     chosen = get_workload(workload or spec.workload)
     chosen.check_keys(overrides or {}, "--set")
-    config = merge_space(chosen.defaults, spec.base)
-    if smoke:
-        config = merge_space(merge_space(config, chosen.smoke), spec.smoke)
-    space = spec.smoke_space if smoke and spec.smoke_space is not None else spec.space
-    config = merge_space(merge_space(config, space), overrides or {})
+    size = spec.profile(profile)
+    config = merge_space(chosen.defaults, chosen.smoke) if profile == "smoke" else dict(chosen.defaults)
+    config = merge_space(merge_space(config, size.base), size.space)
+    seeds = tuple(seeds if seeds is not None else size.seeds)
+    config["seed"] = tune_grid(list(seeds)) if len(seeds) > 1 else seeds[0]
+    config = merge_space(config, overrides or {})
     config["workload"] = chosen.name
     return config
+
+
+def tune_grid(values: list[Any]) -> dict[str, list[Any]]:
+    """Tune's grid_search, without importing Ray here (the spec is read before Ray starts)."""
+    return {"grid_search": values}
+
+
+def matches(config: Mapping[str, Any], part: Mapping[str, Any]) -> bool:
+    """Whether every key of `part` (nested) has the same value in `config`: a trial is the baseline."""
+    return all(matches(config.get(k, {}), v) if isinstance(v, Mapping) else config.get(k) == v
+               for k, v in part.items())
+
+
+def group_label(config: Mapping[str, Any], group_by: tuple[str, ...]) -> str:
+    """The comparison group of a trial: `data.variant=inverted`, or `all` when the sweep has one."""
+    return " ".join(f"{key}={dotted(config, key)}" for key in group_by) or "all"
+
+
+def dotted(config: Mapping[str, Any], key: str) -> Any:
+    """config["data"]["variant"] for "data.variant" (None when absent)."""
+    node: Any = config
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, Mapping) else None
+    return node
 
 
 def _alternatives(value: Any) -> list[Any] | None:
@@ -158,7 +213,8 @@ def check_configs(space: Mapping[str, Any]) -> tuple[int, list]:
             continue
         seen.add(key)
         try:
-            tasks.append((config, chosen.build(config, validate_only=True)[0]))
+            with rejecting_inert_knobs():  # a knob that cannot act at these sizes fails the sweep here
+                tasks.append((config, chosen.build(config, validate_only=True)[0]))
         except ConfigError as e:
             raise ConfigError(f"{e} (in trial config attn={config.get('attn')})") from e
     return count, tasks
@@ -171,7 +227,8 @@ def build_models(tasks: list) -> None:
 
     for config, task in tasks:
         try:
-            build_on_meta(task.build_model)
+            with rejecting_inert_knobs():
+                build_on_meta(task.build_model)
         except ConfigError as e:
             raise ConfigError(f"{e} (in trial config attn={config.get('attn')})") from e
 

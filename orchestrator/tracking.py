@@ -60,17 +60,24 @@ def git_sha() -> str:
         return "unknown"
 
 
+# MLflow 3's UI opens an experiment on its GenAI overview (traces) unless the experiment says it holds
+# model training runs: then it opens on the runs table.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def ensure_experiment(client: MlflowClient, name: str, artifact_root: str | None) -> str:
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_root)
-    except Exception:  # created concurrently by another process
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if exp is None:
+        try:
+            exp_id = client.create_experiment(name, artifact_location=artifact_root, tags=EXPERIMENT_KIND)
+            return exp_id
+        except Exception:  # created concurrently by another process
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.tags.get("mlflow.experimentKind") != EXPERIMENT_KIND["mlflow.experimentKind"]:
+        client.set_experiment_tag(exp.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
+    return exp.experiment_id
 
 
 def create_parent_run(client: MlflowClient, experiment_id: str, sweep: str, sweep_id: str,
@@ -93,10 +100,12 @@ def child_runs(client: MlflowClient, parent_run_id: str) -> list:
 
 
 def get_or_create_child_run(client: MlflowClient, parent_run_id: str, trial_id: str,
-                            config: Mapping[str, Any], seed: int, revive: bool = True) -> tuple[str, bool]:
+                            config: Mapping[str, Any], seed: int, revive: bool = True, name: str | None = None,
+                            tags: Mapping[str, str] | None = None) -> tuple[str, bool]:
     """(run id, already finished): a retried or resumed trial finds its own run again instead of a new
     one, and learns whether that run had already finished (then there is nothing left to do). An
-    unfinished run found again is RUNNING once more (revive=False leaves it as it is)."""
+    unfinished run found again is RUNNING once more (revive=False leaves it as it is). A new run is
+    called `name` and carries `tags` beside the contract's."""
     parent = client.get_run(parent_run_id)
     exp_id = parent.info.experiment_id
     query = f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.trial_id = '{trial_id}'"
@@ -111,9 +120,10 @@ def get_or_create_child_run(client: MlflowClient, parent_run_id: str, trial_id: 
                 client.delete_tag(run_id, "interrupted")
         return run_id, False
     attn = config.get("attn", {})
-    tags = {"mlflow.parentRunId": parent_run_id, "trial_id": trial_id, "method": attn.get("method", ""),
-            "workload": config.get("workload", ""), "sweep": parent.data.tags.get("sweep", "")}
-    run = client.create_run(exp_id, run_name=f"{tags['method']}-{trial_id}", tags=tags)
+    tags = {**(tags or {}), "mlflow.parentRunId": parent_run_id, "trial_id": trial_id,
+            "method": attn.get("method", ""), "workload": config.get("workload", ""),
+            "sweep": parent.data.tags.get("sweep", ""), "seed": str(seed)}
+    run = client.create_run(exp_id, run_name=name or f"{tags['method']}-{trial_id}", tags=tags)
     params = {k: v for k, v in flatten(config).items() if k != "seed"}
     params["seed"] = seed
     log_params(client, run.info.run_id, params)

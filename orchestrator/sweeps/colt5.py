@@ -1,27 +1,33 @@
-"""CoLT5 conditional routing against the softmax baseline: routed query and key/value tokens, routing
-iterations and kv routing tokens, on the character LM (causal: routed autoregressive attention and a
-routed feed-forward that never looks ahead)."""
+"""CoLT5 conditional routing against the softmax baseline on the character LM (causal: routed
+autoregressive attention and a routed feed-forward that never looks ahead): routed query tokens per
+window, routed past key/values, router iterations and kv routing tokens."""
 
 from ray import tune
 
-from orchestrator.spec import SweepSpec, grid
-
-# Knobs shared by every colt5 trial, sized for seq_len 128 (the lm default). The lm is causal, so routing
-# is per window of heavy_window tokens: window_routed_q / window_routed_ff tokens a window, num_routed_kv
-# past key/values per window.
-COLT5 = {"heavy_window": 64, "light_window": 32, "window_routed_ff": 16}
-SMOKE_COLT5 = {"method": "colt5", "heavy_window": 16, "light_window": 8, "window_routed_q": 4,
-               "num_routed_kv": 8, "window_routed_ff": 4, "router_iters": 10}
+from orchestrator.spec import Profile, SweepSpec, grid
+from orchestrator.sweeps._sizes import (
+    COLT5_CPU,
+    COLT5_GPU,
+    COLT5_SMOKE,
+    CPU_SHOWS,
+    GPU_SHOWS,
+    LM_CPU,
+    LM_GPU,
+)
 
 SWEEP = SweepSpec(
     name="colt5",
     description=__doc__,
     workload="lm",
-    space={"attn": tune.grid_search(
+    smoke=Profile(space={"attn": tune.grid_search([{"method": "softmax"}, COLT5_SMOKE])}, seeds=(0,),
+                  shows="tests the machinery: models this small learn nothing worth comparing"),
+    # a quarter of each 32-token window routed, 32 of the up to 96 past key/values: one routed config,
+    # since routed trials run at a third of softmax's speed on a CPU (the README's main job: ~5 minutes)
+    cpu=Profile(base=LM_CPU, seeds=(0, 1), shows=CPU_SHOWS, space={"attn": tune.grid_search(
+        [{"method": "softmax"}, {**COLT5_CPU, "window_routed_q": 8, "num_routed_kv": 32}])}),
+    # routed fractions <= 1/4 of a 256-token window; 64 or 128 of the up to 768 past tokens
+    gpu=Profile(base=LM_GPU, seeds=(0, 1, 2), shows=GPU_SHOWS, space={"attn": tune.grid_search(
         [{"method": "softmax"}]
-        + [{**COLT5, **a} for a in grid("colt5", window_routed_q=[8, 16], num_routed_kv=[32, 64])]
-        + [{**COLT5, "method": "colt5", "window_routed_q": 16, "num_routed_kv": 64, "router_iters": 10},
-           {**COLT5, "method": "colt5", "window_routed_q": 16, "num_routed_kv": 64, "num_kv_routing_tokens": 2}]
-    )},
-    smoke_space={"attn": tune.grid_search([{"method": "softmax"}, SMOKE_COLT5])},
+        + [{**COLT5_GPU, **a} for a in grid("colt5", window_routed_q=[32, 64], num_routed_kv=[64, 128])]
+        + [{**COLT5_GPU, "window_routed_q": 64, "num_routed_kv": 128, "router_iters": 10}])}),
 )

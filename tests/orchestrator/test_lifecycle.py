@@ -102,10 +102,10 @@ def test_runs_are_closed_by_how_their_trial_ended(store, interrupted):
 
 def test_set_accepts_top_level_values_and_grids():
     assert parse_overrides(["seed=3", "train.steps=10"]) == {"seed": 3, "train": {"steps": 10}}
-    space = param_space(load_sweep("topk"), True, overrides=parse_overrides(['seed={"grid_search": [0, 1]}']))
+    space = param_space(load_sweep("topk"), "smoke", overrides=parse_overrides(['seed={"grid_search": [0, 1]}']))
     assert space["seed"] == {"grid_search": [0, 1]}
     with pytest.raises(ConfigError, match="--set workload: .* chooses its workload with --workload"):
-        param_space(load_sweep("topk"), True, overrides={"workload": "mqar"})
+        param_space(load_sweep("topk"), "smoke", overrides={"workload": "mqar"})
 
 
 def test_results_go_where_the_tracking_uri_says(tmp_path, monkeypatch):

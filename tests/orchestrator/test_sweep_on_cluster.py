@@ -36,19 +36,22 @@ def head():
     h.stop()
 
 
-def test_asha_stops_the_trials_that_fall_behind(head, tmp_path):
-    # two learning rates, one far too small: ASHA must cut those trials at a rung
+def test_asha_stops_the_trials_that_fall_behind_but_never_the_baseline(head, tmp_path):
+    # two learning rates, one far too small: ASHA must cut those trials at a rung, except the baseline's
     scratch, started = tmp_path / "scratch", time.time()  # ATTNLAB_ variables reach the cluster's workers
-    run_sweep(["colt5", "--smoke", "--address", head.address, "--set", "train.steps=24",
+    run_sweep(["colt5", "--smoke", "--scheduler", "asha", "--address", head.address, "--set", "train.steps=24",
                'train.lr={"grid_search": [0.003, 1e-6]}'], tmp_path, env={"ATTNLAB_SCRATCH": str(scratch)})
     client, parents, children = runs(tmp_path / "runs" / "mlflow.db", "colt5")
-    assert len(parents) == 1 and len(children) == 4
+    assert len(parents) == 1 and len(children) == 4 and parents[0].data.tags["scheduler"] == "asha"
     stopped = [c for c in children if c.data.tags.get("stopped_early") == "true"]
     assert stopped, "ASHA stopped no trial"
     # Tune starts the good learning rates first (the grid's last axis varies slowest), so the bad ones
-    # reach each rung behind them and are cut there
+    # reach each rung behind them and are cut there; the baseline (softmax) runs to the end even at 1e-6
     bad = [c for c in children if float(c.data.params["train.lr"]) == 1e-6]
-    assert all(c in stopped for c in bad)
+    assert all(c in stopped for c in bad if c.data.tags["method"] == "colt5")
+    for c in children:
+        if c.data.tags["method"] == "softmax":
+            assert c not in stopped and max(steps_of(client, c.info.run_id)) == 24
     for c in stopped:
         assert int(c.data.tags["stopped_at_step"]) < 24  # cut before the end
         assert {a.path for a in client.list_artifacts(c.info.run_id)} >= {"best_checkpoint", "config.json"}
@@ -99,16 +102,10 @@ def test_sigterm_to_the_driver_interrupts_like_ctrl_c(head, tmp_path):
     sweep.send_signal(signal.SIGTERM)
     out = finish(sweep)
     assert sweep.returncode == 130 and "--resume topk-" in out, out[-3000:]
-    client, parents, children = runs(db, "topk")
+    client, parents, children = runs(db, "topk")  # resumable as after Ctrl-C (test_sweep_faults resumes one)
     assert parents[0].info.status == "KILLED"
     assert [c.info.status for c in children] == ["KILLED", "KILLED"]
-
-    run_sweep([*args, "--resume"], tmp_path)
-    client, parents, children = runs(db, "topk")
-    assert parents[0].info.status == "FINISHED" and all(c.info.status == "FINISHED" for c in children)
-    for c in children:
-        steps = steps_of(client, c.info.run_id)
-        assert len(steps) == len(set(steps)) and (max(steps) == 1200 or c.data.tags.get("stopped_early"))
+    assert all(c.data.tags["interrupted"] == "true" for c in children)
 
 
 def _trial_actor(head: RayHead):
@@ -121,7 +118,7 @@ def _trial_actor(head: RayHead):
 def test_a_killed_trial_actor_resumes_from_its_checkpoint(head, tmp_path, sig):
     scratch, started = tmp_path / "scratch", time.time()
     args = ["topk", "--smoke", "--address", head.address, "--max-concurrent", "1", "--set", "attn.method=topk",
-            "attn.k=4", "train.steps=600", "train.eval_every=50", "train.log_every=10"]
+            "attn.k=4", "train.steps=300", "train.eval_every=50", "train.log_every=10"]
     db = tmp_path / "runs" / "mlflow.db"
     sweep = start_sweep(args, tmp_path, env={"ATTNLAB_SCRATCH": str(scratch)})
 
@@ -140,7 +137,7 @@ def test_a_killed_trial_actor_resumes_from_its_checkpoint(head, tmp_path, sig):
     for c in children:
         steps = steps_of(client, c.info.run_id)
         assert len(steps) == len(set(steps)), "a step was logged twice"
-        assert max(steps) == 600 or c.data.tags.get("stopped_early") == "true"
+        assert max(steps) == 300
     # the killed actor could not remove its scratch copies: the next user of the folder did
     assert leftovers(scratch, started) == []
 
