@@ -285,12 +285,7 @@ def run(args: argparse.Namespace) -> int:
     lock = lock or lifecycle.SweepLock(where, sweep_id).acquire()
     lifecycle.write_pointer(where, opened.spec.name, sweep_id)
     executor = "inline" if (args.executor == "inline" or (args.executor == "auto" and res.workers == 1)) else "train"
-    seeds = opened.space["seed"]["grid_search"] if isinstance(opened.space["seed"], dict) else [opened.space["seed"]]
-    samples = f" x {args.num_samples} samples" if args.num_samples > 1 else ""
-    print(f"sweep {sweep_id}: {opened.n_points // len(seeds)} configs x {len(seeds)} seed(s){samples}, up to "
-          f"{res.max_concurrent} at once, {res.workers} worker(s) x ({res.cpus_per_worker:g} CPU, "
-          f"{res.gpus_per_worker:g} GPU), executor {executor}, scheduler {scheduler_name(args, opened.spec)}\n"
-          f"profile {args.profile}: {opened.spec.profile(args.profile).shows}", flush=True)
+    _announce(args, opened, sweep_id, res, executor)
     workload = get_workload(opened.space["workload"])
     ctx = SweepContext(opened.spec.name, sweep_id, where.tracking_uri, parent_id, where.storage, res.workers,
                        res.cpus_per_worker, res.gpus_per_worker, workload.quality_metric, workload.quality_mode,
@@ -303,6 +298,16 @@ def run(args: argparse.Namespace) -> int:
     t_fit = time.time()
     results = _fit(tuner, interruption)
     return _finish(args, opened, ctx, results, interruption, lock, (t_start, t_ray, t_fit), where)
+
+
+def _announce(args, opened: Opened, sweep_id: str, res, executor: str) -> None:
+    seed = opened.space["seed"]
+    seeds = seed["grid_search"] if isinstance(seed, dict) else [seed]
+    samples = f" x {args.num_samples} samples" if args.num_samples > 1 else ""
+    print(f"sweep {sweep_id}: {opened.n_points // len(seeds)} configs x {len(seeds)} seed(s){samples}, up to "
+          f"{res.max_concurrent} at once, {res.workers} worker(s) x ({res.cpus_per_worker:g} CPU, "
+          f"{res.gpus_per_worker:g} GPU), executor {executor}, scheduler {scheduler_name(args, opened.spec)}\n"
+          f"profile {args.profile}: {opened.spec.profile(args.profile).shows}", flush=True)
 
 
 def _fit(tuner, interruption: lifecycle.Interruption):
