@@ -10,7 +10,13 @@ import pytest
 import torch  # (imports no triton)
 
 # before anything imports triton: it sets TRITON_INTERPRET (poisoned_outputs is an autouse fixture)
-from tests.attention.triton_interpreter import TOL, poisoned_outputs, rel, skip_unless_interpreted  # noqa: F401
+from tests.attention.triton_interpreter import (  # noqa: F401
+    TOL,
+    assert_backends_agree,
+    poisoned_outputs,
+    rel,
+    skip_unless_interpreted,
+)
 
 triton = pytest.importorskip("triton")
 
@@ -189,17 +195,8 @@ def test_backend_dispatch():
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "non-causal"])
 def test_mixer_backends_agree_forward_and_backward(causal):
     torch.manual_seed(0)
-    mixer = attention.build(attention.make_config("linear", heads=2, causal=causal, backend="triton"), 32)
-    reference = attention.build(attention.make_config("linear", heads=2, causal=causal, backend="reference"), 32)
-    reference.load_state_dict(mixer.state_dict())
-    x = torch.randn(2, 37, 32)
     mask = key_mask(2, 37, torch.Generator().manual_seed(8), (3, 9))
-    y, y_ref = mixer(x, mask=mask), reference(x, mask=mask)
-    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-5)
-    y.square().sum().backward()
-    y_ref.square().sum().backward()
-    for (name, p), p_ref in zip(mixer.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert_backends_agree("linear", {"heads": 2, "causal": causal}, torch.randn(2, 37, 32), mask=mask)
 
 
 def test_bad_backend_is_a_config_error_naming_field_and_choices():

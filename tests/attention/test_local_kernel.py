@@ -10,7 +10,13 @@ import pytest
 import torch  # (imports no triton)
 
 # before anything imports triton: it sets TRITON_INTERPRET (poisoned_outputs is an autouse fixture)
-from tests.attention.triton_interpreter import TOL, poisoned_outputs, rel, skip_unless_interpreted  # noqa: F401
+from tests.attention.triton_interpreter import (  # noqa: F401
+    TOL,
+    assert_backends_agree,
+    poisoned_outputs,
+    rel,
+    skip_unless_interpreted,
+)
 
 triton = pytest.importorskip("triton")
 
@@ -158,18 +164,8 @@ def test_backend_dispatch():
 
 def test_mixer_backends_agree_forward_and_backward():
     torch.manual_seed(0)
-    cfg = attention.make_config("local", window_size=5, heads=2, backend="triton")
-    mixer = attention.build(cfg, 32)
-    reference = attention.build(attention.make_config("local", window_size=5, heads=2, backend="reference"), 32)
-    reference.load_state_dict(mixer.state_dict())
-    x = torch.randn(2, 37, 32)
     mask = padded_band_mask(2, 37, 10, 20, torch.Generator().manual_seed(7))
-    y, y_ref = mixer(x, mask=mask), reference(x, mask=mask)
-    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-5)
-    y.square().sum().backward()
-    y_ref.square().sum().backward()
-    for (name, p), p_ref in zip(mixer.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert_backends_agree("local", {"window_size": 5, "heads": 2}, torch.randn(2, 37, 32), mask=mask)
 
 
 def test_bad_backend_is_a_config_error_naming_field_and_choices():

@@ -32,3 +32,19 @@ def poisoned_outputs(monkeypatch):
 def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
     assert torch.isfinite(x).all(), "non-finite values (an unwritten output stays NaN)"
     return ((x.double() - ref).norm() / ref.norm().clamp(min=1e-30)).item()
+
+
+def assert_backends_agree(method: str, knobs: dict, x: torch.Tensor, out_rtol: float = 0.0, **inputs) -> None:
+    """The method's mixer on its Triton kernel and on its PyTorch path, same weights, same inputs: outputs
+    and every parameter's gradient agree (float32 tolerances)."""
+    import attention
+
+    mixer = attention.build(attention.make_config(method, backend="triton", **knobs), x.shape[-1])
+    reference = attention.build(attention.make_config(method, backend="reference", **knobs), x.shape[-1])
+    reference.load_state_dict(mixer.state_dict())
+    y, y_ref = mixer(x, **inputs), reference(x, **inputs)
+    torch.testing.assert_close(y, y_ref, rtol=out_rtol, atol=1e-5)
+    y.square().sum().backward()
+    y_ref.square().sum().backward()
+    for (name, p), p_ref in zip(mixer.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-5, msg=name)

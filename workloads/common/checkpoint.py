@@ -26,7 +26,7 @@ def load(path: str | Path, field: str = "checkpoint", map_location: Any = "cpu")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        # torch's message suggests weights_only=False; what the user needs is the object it asked for
+        # torch's message suggests loading without the restriction; what the user needs is the object it named
         lines = [line for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line]
         raise UnsafeCheckpoint(
             f"{field}: {str(path)!r} is not a plain-data checkpoint and was not loaded (loading it could run "
