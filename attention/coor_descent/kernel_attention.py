@@ -26,8 +26,7 @@ import triton
 import triton.language as tl
 
 from attention.coor_descent.kernel_rows import eps_schedule, eps_tensor
-from attention.kernel_grid import batch_head
-from attention.kernel_outputs import alloc
+from attention.triton_helpers import batch_head
 
 LOG2E = tl.constexpr(1.4426950408889634)  # constexpr: jit functions may read it
 LN2 = tl.constexpr(0.6931471805599453)
@@ -242,9 +241,9 @@ def attention_forward(q, k, v, key_mask, sparsity_k, eps_sched, n_iters, scale, 
     bsz, t, h, d = q.shape
     s = k.shape[1]
     dev = q.device
-    out = alloc((bsz, t, h, d), q.dtype, dev)
-    stats = alloc((bsz * h, n_iters, 3, t), torch.float32, dev)
-    rows = alloc((bsz * h, 2, t), torch.float32, dev)
+    out = torch.empty((bsz, t, h, d), dtype=q.dtype, device=dev)
+    stats = torch.empty((bsz * h, n_iters, 3, t), dtype=torch.float32, device=dev)
+    rows = torch.empty((bsz * h, 2, t), dtype=torch.float32, device=dev)
     km = key_mask if key_mask is not None else q
     grid = (triton.cdiv(t, cfg["fwd"]["BLOCK_M"]), bsz * h)
     _attn_forward_kernel[grid](q, k, v, km, out, stats, rows, eps_sched,

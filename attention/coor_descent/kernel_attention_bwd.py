@@ -37,8 +37,7 @@ from attention.coor_descent.kernel_attention import (
     unmasked_key_end,
     visible_tile,
 )
-from attention.kernel_grid import batch_head
-from attention.kernel_outputs import alloc
+from attention.triton_helpers import batch_head
 
 
 @triton.jit
@@ -309,12 +308,12 @@ class AttentionBackward:
         self.q, self.k, self.v, self.out, self.grad_out = q, k, v, out, grad_out
         self.stats, self.rows, self.eps_sched = stats, rows, eps_sched
         self.km = key_mask if key_mask is not None else q
-        self.rb = alloc((bsz * h, 4, t), torch.float32, dev)
-        self.abar = alloc((bsz * h, n_iters, t), torch.float32, dev)
-        self.w = alloc((bsz * h, n_iters, t), torch.float32, dev)
-        self.dq = alloc(q.shape, q.dtype, dev)
-        self.dk = alloc(k.shape, k.dtype, dev)
-        self.dv = alloc(v.shape, v.dtype, dev)
+        self.rb = torch.empty((bsz * h, 4, t), dtype=torch.float32, device=dev)
+        self.abar = torch.empty((bsz * h, n_iters, t), dtype=torch.float32, device=dev)
+        self.w = torch.empty((bsz * h, n_iters, t), dtype=torch.float32, device=dev)
+        self.dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
+        self.dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
+        self.dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
         self.strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2))
         self.sizes = (t, k.shape[1], h)

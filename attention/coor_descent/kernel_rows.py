@@ -40,8 +40,6 @@ import torch
 import triton
 import triton.language as tl
 
-from attention.kernel_outputs import alloc
-
 
 def eps_schedule(n_iters: int, eps: float, eps_init: float | None, eps_decay: float) -> list[float]:
     """eps of each iteration, then the final one (after the last decay), exactly as the reference."""
@@ -305,8 +303,8 @@ def rows_forward(s2d: torch.Tensor, mask2d: torch.Tensor | None, logk: torch.Ten
     block, chunk_len, mode = forward_plan(rows, n, s2d.device, block, chunk_len, cooperative)
     n_chunks = triton.cdiv(n, chunk_len)
     dev = s2d.device
-    y = alloc((rows, n), s2d.dtype, dev)
-    stats = alloc((rows, n_iters, 3), torch.float32, dev)
+    y = torch.empty((rows, n), dtype=s2d.dtype, device=dev)
+    stats = torch.empty((rows, n_iters, 3), dtype=torch.float32, device=dev)
     part = torch.empty((rows, n_iters, n_chunks, 3) if mode != SINGLE else (1,), dtype=torch.float32,
                        device=dev)
     counter = torch.zeros((rows,), dtype=torch.int32, device=dev) if mode == COOPERATIVE else part
@@ -338,8 +336,8 @@ def rows_backward(s2d, mask2d, logk, eps_sched, stats, grad_y, n_iters: int, imp
     grad_y = grad_y.contiguous()
     mask_arg = mask2d if mask2d is not None else s2d
     bpart = torch.empty((rows, n_chunks, 2), dtype=torch.float32, device=dev)
-    ds = alloc((rows, n), s2d.dtype, dev)
-    dlogk = alloc((rows,), torch.float32, dev)
+    ds = torch.empty((rows, n), dtype=s2d.dtype, device=dev)
+    dlogk = torch.empty((rows,), dtype=torch.float32, device=dev)
     grid = (rows * n_chunks,)
     warps = _warps(block)
     _backward_reduce_kernel[grid](s2d, mask_arg, grad_y, stats, eps_sched, bpart, n, n_chunks, chunk_len,

@@ -29,8 +29,6 @@ import torch
 import triton
 import triton.language as tl
 
-from attention.kernel_outputs import alloc
-
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_ORDER = 4
 SQRT1_2 = tl.constexpr(0.7071067811865476)
@@ -449,18 +447,18 @@ def moment_forward(hidden, select, km, order: int, causal: bool, tiles: MomentTi
     b, s_len, f = hidden.shape
     t, e = select.shape[1], f // order
     dev = hidden.device
-    y = alloc((b, t, f), select.dtype, dev)
+    y = torch.empty((b, t, f), dtype=select.dtype, device=dev)
     n_e = triton.cdiv(e, tiles.block_e)
     meta = _meta(tiles, order, km)
     km_arg = km if km is not None else hidden
     n_seg, seg_len = _cut(s_len, tiles.block_t, n_e * b, dev, tiles.segments)
-    sums = alloc((b, n_seg, f), torch.float32, dev)
-    count = alloc((b, n_seg), torch.float32, dev)
+    sums = torch.empty((b, n_seg, f), dtype=torch.float32, device=dev)
+    count = torch.empty((b, n_seg), dtype=torch.float32, device=dev)
     if n_seg > 1 or not causal:  # one causal segment starts from nothing
         _moment_sums_kernel[(n_e, n_seg, b)](hidden, km_arg, sums, count, *_rows(hidden), s_len, e, seg_len, n_seg,
                                              **meta)
     if causal:
-        count_end = alloc((b, n_seg), torch.float32, dev)
+        count_end = torch.empty((b, n_seg), dtype=torch.float32, device=dev)
         _moment_mix_kernel[(n_e, n_seg, b)](hidden, select, km_arg, y, sums, count, count_end, *_rows(hidden),
                                             *_rows(select), *_rows(y), t, e, seg_len, n_seg, CAUSAL=True, **meta)
         return y, count_end, (n_seg, seg_len)
@@ -475,15 +473,15 @@ def moment_backward(hidden, select, km, y, grad, order: int, causal: bool, tiles
     b, s_len, f = hidden.shape
     t, e = select.shape[1], f // order
     dev = hidden.device
-    d_hidden = alloc(hidden.shape, hidden.dtype, dev)
-    d_select = alloc(select.shape, select.dtype, dev)
+    d_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=dev)
+    d_select = torch.empty(select.shape, dtype=select.dtype, device=dev)
     n_e = triton.cdiv(e, tiles.block_e)
     meta = _meta(tiles, order, km)
     km_arg = km if km is not None else hidden
     strides = (*_rows(hidden), *_rows(select), *_rows(y), *_rows(grad), *_rows(d_hidden), *_rows(d_select))
     n_seg_k, _ = cut
     n_seg, seg_len = cut if causal else _cut(t, tiles.block_t, n_e * b, dev, tiles.segments)
-    dsum = alloc((b, n_seg, f), torch.float32, dev)
+    dsum = torch.empty((b, n_seg, f), dtype=torch.float32, device=dev)
     if n_seg > 1 or not causal:
         _gate_sums_kernel[(n_e, n_seg, b)](grad, select, km_arg, dsum, counts, *_rows(grad), *_rows(select), t, e,
                                            seg_len, n_seg, n_seg_k, CAUSAL=causal, **meta)

@@ -36,8 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attention.kernel_grid import batch_head
-from attention.kernel_outputs import alloc
+from attention.triton_helpers import batch_head
 
 FEATURE_CODES = {"identity": 0, "elu": 1, "relu": 2}  # the FEATURE constexpr of every kernel
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -407,8 +406,9 @@ def state_sums(x, w, km, o, den, length, segments: Segments, feature, eps, tiles
     b, _, h, d = x.shape
     dv = w.shape[-1]
     meta = launch_meta(tiles.sums, d, dv, feature, x.dtype)
-    sum_s = alloc((b * h, segments.n_seg, meta["BLOCK_D"], meta["BLOCK_DV"]), torch.float32, x.device)
-    sum_z = alloc((b * h, segments.n_seg, meta["BLOCK_D"]), torch.float32, x.device)
+    sum_s = torch.empty((b * h, segments.n_seg, meta["BLOCK_D"], meta["BLOCK_DV"]), dtype=torch.float32,
+                        device=x.device)
+    sum_z = torch.empty((b * h, segments.n_seg, meta["BLOCK_D"]), dtype=torch.float32, device=x.device)
     o_arg = o if o is not None else w
     _state_sums_kernel[(segments.n_seg, b * h)](
         x, w, km if km is not None else x, o_arg, den if den is not None else sum_z, sum_s, sum_z,
@@ -422,8 +422,8 @@ def linear_forward(q, k, v, km, causal: bool, feature: int, eps: float, tiles: L
     for a causal single segment) and the cuts of keys and queries, which the backward restarts from."""
     b, t, h, d = q.shape
     s_len, dv = k.shape[1], v.shape[-1]
-    out = alloc((b, t, h, dv), q.dtype, q.device)
-    den = alloc((b * h, t), torch.float32, q.device)
+    out = torch.empty((b, t, h, dv), dtype=q.dtype, device=q.device)
+    den = torch.empty((b * h, t), dtype=torch.float32, device=q.device)
     meta = launch_meta(tiles.fwd, d, dv, feature, q.dtype)
     chunk = tiles.fwd.chunk
     most = MOST_SEGMENTS[causal]
@@ -550,9 +550,9 @@ def linear_step_triton(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, 
     q_t, k_t, v_t = (x if x.stride(-1) == 1 else x.contiguous() for x in (q_t, k_t, v_t))
     if state_s.stride(-1) != 1 or state_z.stride(-1) != 1:
         state_s, state_z = state_s.contiguous(), state_z.contiguous()
-    new_s = alloc((bsz, h, d, dv), torch.float32, q_t.device)
-    new_z = alloc((bsz, h, d), torch.float32, q_t.device)
-    out = alloc((bsz, h, dv), q_t.dtype, q_t.device)
+    new_s = torch.empty((bsz, h, d, dv), dtype=torch.float32, device=q_t.device)
+    new_z = torch.empty((bsz, h, d), dtype=torch.float32, device=q_t.device)
+    out = torch.empty((bsz, h, dv), dtype=q_t.dtype, device=q_t.device)
     _step_kernel[(bsz * h,)](q_t, k_t, v_t, state_s, state_z, new_s, new_z, out,
                              q_t.stride(0), q_t.stride(1), k_t.stride(0), k_t.stride(1), v_t.stride(0), v_t.stride(1),
                              state_s.stride(0), state_s.stride(1), state_s.stride(2), state_z.stride(0),

@@ -26,11 +26,10 @@ per chunk is stored.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-from attention.kernel_grid import batch_head
-from attention.kernel_outputs import alloc
 from attention.linear.kernel import (
     Segments,
     _dot,
@@ -48,6 +47,7 @@ from attention.linear.kernel import (
     state_sums,
     strides3,
 )
+from attention.triton_helpers import batch_head
 
 
 @triton.jit
@@ -208,9 +208,9 @@ def linear_backward(q, k, v, km, out, den, sum_s, sum_z, grad_out, causal: bool,
     b, t, h, d = q.shape
     s_len, dv = k.shape[1], v.shape[-1]
     keys, queries = cuts
-    dq = alloc(q.shape, q.dtype, q.device)
-    dk = alloc(k.shape, q.dtype, q.device)
-    dvv = alloc(v.shape, q.dtype, q.device)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=q.dtype, device=q.device)
+    dvv = torch.empty(v.shape, dtype=q.dtype, device=q.device)
     meta = launch_meta(tiles.bwd, d, dv, feature, q.dtype)
     km_arg = km if km is not None else q
     strides = (*strides3(q), *strides3(k), *strides3(v), *strides3(out), *strides3(grad_out))

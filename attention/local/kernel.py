@@ -31,8 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attention.kernel_grid import batch_head
-from attention.kernel_outputs import alloc
+from attention.triton_helpers import batch_head
 
 LOG2E = tl.constexpr(1.4426950408889634)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -295,8 +294,8 @@ def _meta(tile: Tile, d: int, causal: bool, has_km: bool, dtype: torch.dtype) ->
 def local_forward(q, k, v, km, window, look_backward, look_forward, causal, scale, tiles: LocalTiles):
     """out (B, T, H, D) contiguous in q's dtype and lse2 (B*H, T) float32. km: (B, T) uint8 or None."""
     b, t, h, d = q.shape
-    out = alloc((b, t, h, d), q.dtype, q.device)
-    lse2 = alloc((b * h, t), torch.float32, q.device)
+    out = torch.empty((b, t, h, d), dtype=q.dtype, device=q.device)
+    lse2 = torch.empty((b * h, t), dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(t, tiles.fwd.block_m), b * h)
     _local_fwd_kernel[grid](q, k, v, km if km is not None else q, out, lse2,
                             *_strides(q), *_strides(k), *_strides(v), *_strides(out),
@@ -309,8 +308,8 @@ def local_backward(q, k, v, km, out, lse2, grad_out, window, look_backward, look
                    tiles: LocalTiles):
     """(dq, dk, dv), each (B, T, H, D) contiguous in q's dtype. Two launches: dq (+ delta), then dk/dv."""
     b, t, h, d = q.shape
-    dq, dk, dv = (alloc((b, t, h, d), q.dtype, q.device) for _ in range(3))
-    delta = alloc((b * h, t), torch.float32, q.device)
+    dq, dk, dv = (torch.empty((b, t, h, d), dtype=q.dtype, device=q.device) for _ in range(3))
+    delta = torch.empty((b * h, t), dtype=torch.float32, device=q.device)
     km_arg = km if km is not None else q
     args = (*_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(grad_out),
             t, h, window, look_backward, look_forward, scale * 1.4426950408889634, scale)
