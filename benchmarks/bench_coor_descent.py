@@ -20,9 +20,8 @@ import traceback
 
 import torch
 
-from attention.coor_descent.attention_reference import coor_descent_attention_reference
 from attention.coor_descent.kernel import coor_descent_attention_triton, coor_descent_triton
-from attention.coor_descent.reference import coor_descent_reference
+from attention.coor_descent.reference import coor_descent_attention_reference, coor_descent_reference
 from benchmarks.timing import median_ms, peak_mib
 
 try:

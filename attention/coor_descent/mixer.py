@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import torch
 
-from attention.coor_descent.attention_reference import visible_keys
 from attention.coor_descent.config import CoorDescentConfig
 from attention.coor_descent.ops import coor_descent, coor_descent_attention, unconverged_fraction
+from attention.coor_descent.reference import visible_keys
 from attention.layers import MultiheadMixer
 
 CONVERGENCE_ROWS = 64  # query rows re-solved each forward to report convergence (cheap: rows x S)

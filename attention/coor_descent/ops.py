@@ -10,8 +10,7 @@ from typing import NamedTuple
 import torch
 
 from attention.backend import resolve
-from attention.coor_descent.attention_reference import coor_descent_attention_reference
-from attention.coor_descent.reference import coor_descent_reference
+from attention.coor_descent.reference import coor_descent_attention_reference, coor_descent_reference
 
 _missing_warned: set[str] = set()
 
@@ -129,11 +128,11 @@ def coor_descent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     """Attention whose weights are coordinate descent over q.k (budget sparsity_k) instead of softmax.
 
     q: (B, T, H, D), k, v: (B, S, H, D), key_mask: (B, S) bool. Returns (B, T, H, D); see
-    attention_reference.py for the exact definition."""
+    reference.py for the exact definition."""
     _check(n_iters, eps, eps_init, eps_decay)
     if isinstance(sparsity_k, bool) or not isinstance(sparsity_k, int) or sparsity_k < 1:
         raise ValueError(f"sparsity_k: must be an integer >= 1, got {sparsity_k!r}")
-    kernel = _kernel("kernel_attention", "coor_descent_attention_triton", backend, q)
+    kernel = _kernel("kernel", "coor_descent_attention_triton", backend, q)
     fn = kernel or coor_descent_attention_reference
     return fn(q, k, v, sparsity_k=sparsity_k, n_iters=n_iters, eps=eps, eps_init=eps_init,
               eps_decay=eps_decay, causal=causal, key_mask=key_mask, scale=scale)

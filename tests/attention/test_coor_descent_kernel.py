@@ -13,10 +13,9 @@ from tests.attention.triton_interpreter import TOL, poisoned_outputs, rel, skip_
 triton = pytest.importorskip("triton")
 
 from attention.coor_descent import kernel_attention, kernel_rows  # noqa: E402
-from attention.coor_descent.attention_reference import coor_descent_attention_reference  # noqa: E402
 from attention.coor_descent.kernel import coor_descent_attention_triton, coor_descent_triton  # noqa: E402
 from attention.coor_descent.ops import coor_descent, coor_descent_attention  # noqa: E402
-from attention.coor_descent.reference import coor_descent_reference  # noqa: E402
+from attention.coor_descent.reference import coor_descent_attention_reference, coor_descent_reference  # noqa: E402
 
 skip_unless_interpreted(kernel_rows._forward_kernel)
 
