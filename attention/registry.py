@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.metadata
 import pkgutil
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -32,6 +33,7 @@ class MethodSpec:
     feedforward: Callable[[Any, int], nn.Module] | None = None
 
 
+ENTRY_POINT_GROUP = "attnlab.methods"
 _REGISTRY: dict[str, MethodSpec] = {}
 _discovered = False
 
@@ -59,6 +61,14 @@ def _discover() -> None:
     for info in sorted(pkgutil.iter_modules(attention.__path__), key=lambda m: m.name):
         if info.ispkg:
             importlib.import_module(f"attention.{info.name}")
+    # Methods from installed packages: an entry point in the group `attnlab.methods` names a module that
+    # registers its methods when imported (docs/methods.md, "Adding a method").
+    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            entry.load()
+        except Exception as e:
+            raise ImportError(f"attention method package {entry.value!r} (entry point {entry.name!r} in "
+                              f"{ENTRY_POINT_GROUP!r}) failed to import: {e}") from e
 
 
 def methods() -> list[str]:
