@@ -24,9 +24,26 @@ DEFINING = {"profile": "auto", "workload": None, "set": [], "search": "grid", "n
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
+class _HelpWithKnobs(argparse.Action):
+    """--help: the options, then every knob of the workloads the named sweeps run on, with its default
+    (built only when asked: listing them imports torch, which a sweep's start loads beside Ray's)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from orchestrator.spec import get_workload, load_sweep
+
+        parser.print_help()
+        for name in sorted({load_sweep(sweep).workload for sweep in sweep_names()}):
+            print(f"\nworkload {name} (--set SECTION.FIELD=VALUE):\n{get_workload(name).knob_table()}")
+        parser.exit()
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m orchestrator.sweep", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m orchestrator.sweep", description=__doc__, add_help=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p.add_argument("-h", "--help", action=_HelpWithKnobs, help="this help, and every knob with its default")
     p.add_argument("name", help=f"the sweep: {', '.join(sweep_names())}")
     p.add_argument("--profile", default="auto",
                    help="the sweep's sizes: smoke (tiny: tests the machinery), cpu (a few minutes of a laptop), "

@@ -180,6 +180,12 @@ class Workload:
                 raise TypeError(f"{self.name}: floors must return Floor objects, got {floor!r}")
         return floors
 
+    def knob_table(self) -> str:
+        """Every knob of every section with its default and type, for --help (imports torch)."""
+        from workloads.common.knobs import knob_table
+
+        return knob_table(self)
+
     def build_task(self, config: Mapping[str, Any], validate_only: bool = False) -> tuple[Any, Any]:
         """(the task, its train section): what tests and tools that drive the training loop build."""
         sections = self.parse(config)

@@ -99,3 +99,17 @@ def test_report_reads_without_creating_a_store(workdir):
                           text=True, timeout=120, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 2 and "no MLflow store at" in proc.stderr, proc.stderr
     assert not any(workdir.iterdir()), "orchestrator.report wrote into the current folder"
+
+
+def test_help_lists_every_knob_with_its_default(workdir):
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+    sweep = subprocess.run([sys.executable, "-m", "orchestrator.sweep", "--help"], cwd=workdir, env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert sweep.returncode == 0 and "--scheduler" in sweep.stdout
+    assert "workload lm (--set SECTION.FIELD=VALUE)" in sweep.stdout
+    assert "train.steps" in sweep.stdout and "data.seq_len" in sweep.stdout and "lora.rank" in sweep.stdout
+    alone = subprocess.run([sys.executable, "-m", "workloads.mqar", "--help"], cwd=workdir, env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert alone.returncode == 0
+    assert any(line.split()[:2] == ["data.num_kv_pairs", "8"] for line in alone.stdout.splitlines()), alone.stdout
+    assert not any(workdir.iterdir())

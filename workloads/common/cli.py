@@ -8,7 +8,6 @@ import json
 from typing import Any
 
 from attention.config import ConfigError
-from workloads.common.knobs import knob_table
 from workloads.common.report import LocalReporter
 from workloads.contract import TrainingDiverged, Workload, merge
 
@@ -32,7 +31,7 @@ def _pairs(items: list[str], section: str) -> dict[str, Any]:
 
 def parser_for(workload: Workload) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"python -m workloads.{workload.name}", description=workload.summary,
-                                     epilog=knob_table(workload), formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     epilog=workload.knob_table(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU, seconds")
     parser.add_argument("--method", help="attention method (attention.methods()); starts from its own defaults")
     for section in workload.sections:
