@@ -22,11 +22,11 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from attention.colt5.attention import light_local_attention
 from attention.colt5.causal_router import CausalPrefixRouter, CausalWindowRouter
 from attention.colt5.config import Colt5Config
 from attention.colt5.graphs import GraphedForward
 from attention.colt5.heavy import HeavyAttention
+from attention.colt5.routed import light_local_attention
 from attention.colt5.router import add_tokens, gather_tokens
 from attention.layers import zero_padded
 

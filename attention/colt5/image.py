@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from attention.colt5.attention import RoutedHeavyAttention
 from attention.colt5.config import Colt5Config
+from attention.colt5.routed import RoutedHeavyAttention
 from attention.layers import QKVProjection, merge_heads
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from attention.colt5.attention import RoutedAttention
 from attention.colt5.autoregressive import RoutedAutoregressiveAttention
 from attention.colt5.config import Colt5Config
 from attention.colt5.cross import RoutedCrossAttention
 from attention.colt5.feedforward import routed_feedforward
+from attention.colt5.routed import RoutedAttention
 
 
 def colt5_mixer(cfg: Colt5Config, dim: int) -> nn.Module:

@@ -11,8 +11,7 @@ import attention
 from attention.colt5 import RoutedCrossAttention, RoutedFeedForward
 from attention.colt5.block import Colt5Block
 from attention.colt5.image import RoutedImageAttention, WindowAttention
-from attention.colt5.vit import RoutedViT
-from attention.models import Encoder
+from attention.models import Encoder, RoutedViT
 from attention.softmax.reference import softmax_attention_reference
 
 DIM = 24
