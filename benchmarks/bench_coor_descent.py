@@ -95,7 +95,7 @@ def _check_rows(rows, n, k, n_iters, eps, dtype, failures, eps_init=None, eps_de
 def _check_attention(b, t, s, h, d, k, n_iters, eps, dtype, causal, key_mask, failures, tiles=None, **kw):
     q, kk, v = (torch.randn(b, n, h, d, device=DEV).to(dtype) for n in (t, s, s))
     km = (torch.rand(b, s, device=DEV) > 0.2) if key_mask else None
-    args = dict(sparsity_k=k, n_iters=n_iters, eps=eps, causal=causal, key_mask=km, **kw)
+    args = dict(topk=k, n_iters=n_iters, eps=eps, causal=causal, key_mask=km, **kw)
     ref_in = [x.double().requires_grad_() for x in (q, kk, v)]
     out_ref = coor_descent_attention_reference(*ref_in, **args)
     g = torch.randn_like(out_ref)
@@ -161,7 +161,7 @@ def tune_attention() -> dict:
     t, h, d = 8192, 8, 64
     q, k, v = (torch.randn(1, t, h, d, device=DEV, dtype=torch.bfloat16) for _ in range(3))
     grad = torch.randn_like(q)
-    args = dict(sparsity_k=256, n_iters=20, eps=0.1)
+    args = dict(topk=256, n_iters=20, eps=0.1)
 
     def tile(bm, bn, w):
         return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w)
@@ -259,11 +259,11 @@ def attention_case(t, h, k, n_iters, dtype=torch.bfloat16, causal=False, eps=0.1
         return (out / y.sum(-1).clamp(min=1e-6).transpose(1, 2)[..., None]).to(dtype)
 
     def reference(q, kk, v):
-        return coor_descent_attention_reference(q.float(), kk.float(), v.float(), sparsity_k=k, n_iters=n_iters,
+        return coor_descent_attention_reference(q.float(), kk.float(), v.float(), topk=k, n_iters=n_iters,
                                                 eps=eps, causal=causal).to(dtype)
 
     def ours(q, kk, v):
-        return coor_descent_attention_triton(q, kk, v, sparsity_k=k, n_iters=n_iters, eps=eps, causal=causal,
+        return coor_descent_attention_triton(q, kk, v, topk=k, n_iters=n_iters, eps=eps, causal=causal,
                                              tiles=TILES)
 
     def ours_forward(q, kk, v):

@@ -11,7 +11,7 @@ from workloads.contract import flatten
 
 # short names for the knobs sweeps vary most; any other knob goes by its field name
 SHORT = {"window_routed_q": "wq", "num_routed_kv": "kv", "window_routed_ff": "wff", "router_iters": "iters",
-         "num_kv_routing_tokens": "kvtok", "heavy_window": "hw", "light_window": "lw", "sparsity_k": "k",
+         "num_kv_routing_tokens": "kvtok", "heavy_window": "hw", "light_window": "lw",
          "n_iters": "iters", "eps_decay": "decay", "window_size": "w", "look_backward": "back",
          "feature_map": "phi", "nb_features": "feat", "predictor_length": "pl", "order_expand": "expand",
          "topk_group": "group"}

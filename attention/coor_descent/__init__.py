@@ -7,7 +7,7 @@ from attention.coor_descent.reference import coor_descent_attention_reference, c
 from attention.registry import Capabilities, register
 
 register("coor_descent", CoorDescentConfig, Capabilities(causal=True, cross=True, padding_mask=True),
-         "attention with softmax replaced by coordinate descent (soft top-k, budget sparsity_k)")(
+         "attention with softmax replaced by coordinate descent (soft top-k, budget k)")(
     CoorDescentAttention)
 
 __all__ = ["CoorDescentAttention", "CoorDescentConfig", "TopK", "convergence", "coor_descent",

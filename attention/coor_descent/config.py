@@ -6,15 +6,15 @@ from attention.config import ConfigError, MethodConfig, check_acts, check_choice
 
 @dataclasses.dataclass(frozen=True)
 class CoorDescentConfig(MethodConfig):
-    """Coordinate-descent attention: softmax over q.k replaced by a soft top-k with budget sparsity_k.
+    """Coordinate-descent attention: softmax over q.k replaced by a soft top-k with budget k.
 
-    sparsity_k: keys each query spreads its weight over (a row with fewer visible keys uses them all);
+    k: keys each query spreads its weight over (a row with fewer visible keys uses them all);
     n_iters, eps, eps_init, eps_decay: coordinate descent (eps_init None = start at eps, no scaling);
     the defaults converge (rows sum to k within 1%) for scores of unit scale, see README.
     backend: 'auto' = the fused Triton kernel on CUDA, the reference elsewhere.
     """
 
-    sparsity_k: int = 32
+    k: int = 32
     n_iters: int = 50
     eps: float = 0.1
     eps_init: float | None = 1.0
@@ -23,7 +23,7 @@ class CoorDescentConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        check_int(self, "sparsity_k", min=1)
+        check_int(self, "k", min=1)
         check_int(self, "n_iters", min=1)
         check_float(self, "eps", min=0.0, min_exclusive=True)
         if self.eps_init is not None:
@@ -32,8 +32,8 @@ class CoorDescentConfig(MethodConfig):
         check_choice(self, "backend", BACKENDS)
 
     def check_seq_len(self, seq_len: int) -> None:
-        if self.sparsity_k > seq_len:
-            raise ConfigError(f"{self.method}.sparsity_k: got {self.sparsity_k} for sequences of {seq_len} "
-                              f"tokens; allowed: 1 <= sparsity_k <= {seq_len}")
-        check_acts(self, "sparsity_k", self.sparsity_k < seq_len,
-                   f"sparsity_k={self.sparsity_k} keeps every key of {seq_len}-token sequences")
+        if self.k > seq_len:
+            raise ConfigError(f"{self.method}.k: got {self.k} for sequences of {seq_len} "
+                              f"tokens; allowed: 1 <= k <= {seq_len}")
+        check_acts(self, "k", self.k < seq_len,
+                   f"k={self.k} keeps every key of {seq_len}-token sequences")

@@ -19,9 +19,9 @@ __all__ = ["coor_descent_attention_triton", "coor_descent_triton"]
 
 class CoorDescentAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, key_mask, sparsity_k, eps_list, n_iters, scale, causal, cfg):
+    def forward(ctx, q, k, v, key_mask, topk, eps_list, n_iters, scale, causal, cfg):
         eps_sched = eps_tensor(eps_list, q.device)
-        out, stats, rows = attention_forward(q, k, v, key_mask, sparsity_k, eps_sched, n_iters, scale,
+        out, stats, rows = attention_forward(q, k, v, key_mask, topk, eps_sched, n_iters, scale,
                                              causal, cfg)
         ctx.save_for_backward(q, k, v, out, stats, rows, eps_sched,
                               *(() if key_mask is None else (key_mask,)))
@@ -38,7 +38,7 @@ class CoorDescentAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None, None
 
 
-def coor_descent_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sparsity_k: int,
+def coor_descent_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: int,
                                   n_iters: int, eps: float, eps_init: float | None = None,
                                   eps_decay: float = 1.0, causal: bool = False,
                                   key_mask: torch.Tensor | None = None, scale: float | None = None,
@@ -50,8 +50,8 @@ def coor_descent_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         raise ValueError(f"n_iters: must be >= 1, got {n_iters}")
     if not eps > 0:
         raise ValueError(f"eps: must be > 0, got {eps}")
-    if sparsity_k < 1:
-        raise ValueError(f"sparsity_k: must be >= 1, got {sparsity_k}")
+    if topk < 1:
+        raise ValueError(f"topk: must be >= 1, got {topk}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not q.dtype == k.dtype == v.dtype:
         raise TypeError(f"q, k, v: dtypes {q.dtype}, {k.dtype}, {v.dtype}; allowed: one of float16, "
                         "bfloat16, float32 for all three")
@@ -69,5 +69,5 @@ def coor_descent_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     cfg = attention_config(q.dtype, d, os.environ.get("TRITON_INTERPRET", "0") == "1")
     cfg.update(tiles or {})
     eps_list = eps_schedule(n_iters, eps, eps_init, eps_decay)
-    return CoorDescentAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), key_mask, sparsity_k,
+    return CoorDescentAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), key_mask, topk,
                                       eps_list, n_iters, float(scale), causal, cfg)

@@ -8,7 +8,7 @@ program keeps a block of queries and streams the keys, recomputing q.k on the fl
     iteration t>=1  one pass over the keys: online logsumexp of min(s, -a_{t-1}) / eps_t -> a_t
     final pass      out_i = sum_j y_ij v_j / max(sum_j y_ij, 1e-6)
 
-k_i = min(sparsity_k, n_i). Per row and iteration the forward keeps (a_t, lse_t, P_t) (P_t = softmax
+k_i = min(topk, n_i). Per row and iteration the forward keeps (a_t, lse_t, P_t) (P_t = softmax
 mass on saturated keys, for the backward): O(T * n_iters) floats, never O(T * S). The backward
 (kernel_attention_bwd.py) differentiates the unrolled iterations exactly, recomputing q.k per tile.
 
@@ -125,7 +125,7 @@ def _output_step(q, k_base, v_base, sks, svs, n0, offs_m, offs_d, T, S, km_ptr, 
 @triton.jit
 def _attn_forward_kernel(Q, K, V, KM, O, STATS, ROWS, EPS,
                          sqb, sqt, sqh, skb, sks, skh, svb, svs, svh, sob, sot, soh,
-                         T, S, H, n_iters, sparsity_k, scale,
+                         T, S, H, n_iters, topk, scale,
                          CAUSAL: tl.constexpr, HAS_KM: tl.constexpr, D: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          PRECISION: tl.constexpr):
@@ -156,7 +156,7 @@ def _attn_forward_kernel(Q, K, V, KM, O, STATS, ROWS, EPS,
         else:
             n_vis = tl.zeros((BLOCK_M,), tl.float32) + S
     n_vis = tl.where(row_ok, n_vis, 0.0)
-    logk = tl.log(tl.maximum(tl.minimum(n_vis, sparsity_k), 1e-20))
+    logk = tl.log(tl.maximum(tl.minimum(n_vis, topk), 1e-20))
     lse = tl.log(tl.maximum(n_vis, 1.0))  # a row with no visible key: any finite a, its y is 0
     a = tl.load(EPS) * (logk - lse)
     st = STATS + bh.to(tl.int64) * n_iters * 3 * T
@@ -232,7 +232,7 @@ def launch_meta(cfg: dict, kernel: str) -> dict:
     return dict(BLOCK_D=cfg["BLOCK_D"], PRECISION=cfg["PRECISION"], **cfg[kernel])
 
 
-def attention_forward(q, k, v, key_mask, sparsity_k, eps_sched, n_iters, scale, causal, cfg):
+def attention_forward(q, k, v, key_mask, topk, eps_sched, n_iters, scale, causal, cfg):
     """out (B, T, H, D) in q's dtype, stats (B*H, n_iters, 3, T) and rows (B*H, 2, T) float32."""
     bsz, t, h, d = q.shape
     s = k.shape[1]
@@ -245,7 +245,7 @@ def attention_forward(q, k, v, key_mask, sparsity_k, eps_sched, n_iters, scale, 
     _attn_forward_kernel[grid](q, k, v, km, out, stats, rows, eps_sched,
                                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                                v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
-                               out.stride(2), t, s, h, n_iters, float(sparsity_k), scale,
+                               out.stride(2), t, s, h, n_iters, float(topk), scale,
                                CAUSAL=causal, HAS_KM=key_mask is not None, D=d,
                                **launch_meta(cfg, "fwd"))
     return out, stats, rows

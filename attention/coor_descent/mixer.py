@@ -28,7 +28,7 @@ class CoorDescentAttention(MultiheadMixer):
         rows = torch.linspace(0, t - 1, min(t, CONVERGENCE_ROWS), device=q.device).long()
         scores = torch.einsum("td,sd->ts", q[0, rows, 0].float(), k[0, :, 0].float()) * q.shape[-1] ** -0.5
         allowed = visible_keys(t, s, causal, None if key_mask is None else key_mask[:1], q.device)[0, 0, rows]
-        budget = allowed.sum(-1).clamp(max=cfg.sparsity_k).float()
+        budget = allowed.sum(-1).clamp(max=cfg.k).float()
         # the fused rows kernel on CUDA: the reference's 50 iterations are ~500 small launches per forward,
         # which dominated the block's time at short T (issue 20)
         y = coor_descent(scores, budget, cfg.n_iters, cfg.eps, cfg.eps_init, cfg.eps_decay, allowed, cfg.backend)
@@ -36,7 +36,7 @@ class CoorDescentAttention(MultiheadMixer):
 
     def attend(self, q, k, v, *, causal, key_mask):
         cfg = self.cfg
-        y = coor_descent_attention(q, k, v, sparsity_k=cfg.sparsity_k, n_iters=cfg.n_iters, eps=cfg.eps,
+        y = coor_descent_attention(q, k, v, topk=cfg.k, n_iters=cfg.n_iters, eps=cfg.eps,
                                    eps_init=cfg.eps_init, eps_decay=cfg.eps_decay, causal=causal,
                                    key_mask=key_mask, backend=cfg.backend)
         self.aux = {"coor_descent_unconverged": self._convergence(q, k, causal, key_mask)}

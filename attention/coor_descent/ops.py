@@ -121,18 +121,18 @@ def topk(x: torch.Tensor, k: int, n_iters: int = 50, eps: float = 0.1, eps_init:
     return TopK(x.gather(-1, indices), indices, gates)
 
 
-def coor_descent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sparsity_k: int,
+def coor_descent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, topk: int,
                            n_iters: int, eps: float, eps_init: float | None = None, eps_decay: float = 1.0,
                            causal: bool = False, key_mask: torch.Tensor | None = None,
                            scale: float | None = None, backend: str = "auto") -> torch.Tensor:
-    """Attention whose weights are coordinate descent over q.k (budget sparsity_k) instead of softmax.
+    """Attention whose weights are coordinate descent over q.k (budget topk) instead of softmax.
 
     q: (B, T, H, D), k, v: (B, S, H, D), key_mask: (B, S) bool. Returns (B, T, H, D); see
     reference.py for the exact definition."""
     _check(n_iters, eps, eps_init, eps_decay)
-    if isinstance(sparsity_k, bool) or not isinstance(sparsity_k, int) or sparsity_k < 1:
-        raise ValueError(f"sparsity_k: must be an integer >= 1, got {sparsity_k!r}")
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+        raise ValueError(f"topk: must be an integer >= 1, got {topk!r}")
     kernel = _kernel("kernel", "coor_descent_attention_triton", backend, q)
     fn = kernel or coor_descent_attention_reference
-    return fn(q, k, v, sparsity_k=sparsity_k, n_iters=n_iters, eps=eps, eps_init=eps_init,
+    return fn(q, k, v, topk=topk, n_iters=n_iters, eps=eps, eps_init=eps_init,
               eps_decay=eps_decay, causal=causal, key_mask=key_mask, scale=scale)

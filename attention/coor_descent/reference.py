@@ -78,7 +78,7 @@ def coor_descent_dual(scores: torch.Tensor, k: float | torch.Tensor, n_iters: in
 # Coordinate-descent attention in plain PyTorch (the coordinate-descent-attention seed, made exact).
 #
 # Softmax over q.k is replaced by coordinate descent with a sparsity budget: per query row i,
-# y_i = coor_descent(s_i, k_i) over the visible keys, k_i = min(sparsity_k, visible keys), and
+# y_i = coor_descent(s_i, k_i) over the visible keys, k_i = min(topk, visible keys), and
 #
 #     out_i = sum_j y_ij v_j / max(sum_j y_ij, 1e-6)
 #
@@ -101,7 +101,7 @@ def visible_keys(t: int, s: int, causal: bool, key_mask: torch.Tensor | None,
 
 
 def coor_descent_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-                                     sparsity_k: int, n_iters: int, eps: float,
+                                     topk: int, n_iters: int, eps: float,
                                      eps_init: float | None = None, eps_decay: float = 1.0,
                                      causal: bool = False, key_mask: torch.Tensor | None = None,
                                      scale: float | None = None) -> torch.Tensor:
@@ -112,7 +112,7 @@ def coor_descent_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
     scores = torch.einsum("bthd,bshd->bhts", q, k) * scale  # (B, H, T, S)
     allowed = visible_keys(t, k.shape[1], causal, key_mask, q.device).expand_as(scores)
-    budget = allowed.sum(-1).clamp(max=sparsity_k).to(scores.dtype)  # (B, H, T): k_i per row
+    budget = allowed.sum(-1).clamp(max=topk).to(scores.dtype)  # (B, H, T): k_i per row
     y = coor_descent_reference(scores, budget, n_iters, eps, eps_init, eps_decay, allowed)
     # Normalise by the row sum: y sums to ~k_i, not 1, so the raw sum would scale the output with k
     # and with how far the row is from converging; the ratio is a weighted mean of values like softmax.

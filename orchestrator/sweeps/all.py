@@ -8,13 +8,13 @@ from orchestrator.spec import Profile, SweepSpec
 from orchestrator.sweeps._sizes import COLT5_CPU, COLT5_GPU, COLT5_SMOKE, CPU_SHOWS, GPU_SHOWS, LM_CPU, LM_GPU
 
 # per method, knobs below the profile's sequence length (32 / 128 / 1024 tokens)
-SMOKE_KNOBS = {"colt5": COLT5_SMOKE, "coor_descent": {"sparsity_k": 4, "n_iters": 10}, "topk": {"k": 4},
+SMOKE_KNOBS = {"colt5": COLT5_SMOKE, "coor_descent": {"k": 4, "n_iters": 10}, "topk": {"k": 4},
                "local": {"window_size": 8}, "sea": {"k": 4, "predictor_length": 16}}
 CPU_KNOBS = {"colt5": {**COLT5_CPU, "window_routed_q": 8, "num_routed_kv": 32},
-             "coor_descent": {"sparsity_k": 16}, "topk": {"k": 16}, "local": {"window_size": 32},
+             "coor_descent": {"k": 16}, "topk": {"k": 16}, "local": {"window_size": 32},
              "sea": {"k": 16, "predictor_length": 32}}
 GPU_KNOBS = {"colt5": {**COLT5_GPU, "window_routed_q": 64, "num_routed_kv": 128},
-             "coor_descent": {"sparsity_k": 64}, "topk": {"k": 64}, "local": {"window_size": 128},
+             "coor_descent": {"k": 64}, "topk": {"k": 64}, "local": {"window_size": 128},
              "sea": {"k": 64, "predictor_length": 128}}
 
 

@@ -190,7 +190,7 @@ def test_backend_choice():
 
 # ---- coordinate-descent attention -------------------------------------------------------------------
 
-def attention_loop(q, k, v, sparsity_k, n_iters, eps, eps_init, eps_decay, causal, key_mask, scale):
+def attention_loop(q, k, v, topk, n_iters, eps, eps_init, eps_decay, causal, key_mask, scale):
     """Independent per-query loop in float64 over the visible keys only."""
     b, t, h, d = q.shape
     s_len = k.shape[1]
@@ -204,7 +204,7 @@ def attention_loop(q, k, v, sparsity_k, n_iters, eps, eps_init, eps_decay, causa
                 if not vis:
                     continue
                 s = kn[bi, vis, hi] @ qn[bi, i, hi] * scale
-                y = cd_numpy(s, min(sparsity_k, len(vis)), n_iters, eps, eps_init, eps_decay)
+                y = cd_numpy(s, min(topk, len(vis)), n_iters, eps, eps_init, eps_decay)
                 out[bi, i, hi] = y @ vn[bi, vis, hi] / max(y.sum(), 1e-6)
     return out
 
@@ -214,7 +214,7 @@ def test_attention_reference_matches_loop(causal, t, s):
     q, k, v = randn(2, t, 2, 6, seed=10), randn(2, s, 2, 6, seed=11), randn(2, s, 2, 6, seed=12)
     key_mask = randn(2, s, seed=13) > -0.5
     key_mask[1, :] = False  # every query of sample 1 sees no key: zeros
-    got = coor_descent_attention_reference(q, k, v, sparsity_k=4, n_iters=8, eps=0.2, eps_init=1.0,
+    got = coor_descent_attention_reference(q, k, v, topk=4, n_iters=8, eps=0.2, eps_init=1.0,
                                            eps_decay=0.8, causal=causal, key_mask=key_mask, scale=0.3)
     want = attention_loop(q, k, v, 4, 8, 0.2, 1.0, 0.8, causal, key_mask.numpy(), 0.3)
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-9, atol=1e-12)
@@ -224,7 +224,7 @@ def test_attention_reference_matches_loop(causal, t, s):
 def test_attention_with_budget_equal_to_visible_keys_is_the_mean_of_values():
     q, k, v = randn(1, 9, 1, 4, seed=14), randn(1, 9, 1, 4, seed=15), randn(1, 9, 1, 4, seed=16)
     # k = n is the slowest case to converge (README: failure modes): 300 iterations at eps 0.1.
-    out = coor_descent_attention(q, k, v, sparsity_k=9, n_iters=300, eps=0.1, causal=True)
+    out = coor_descent_attention(q, k, v, topk=9, n_iters=300, eps=0.1, causal=True)
     means = torch.cumsum(v, 1) / torch.arange(1, 10, dtype=torch.float64).view(1, 9, 1, 1)
     torch.testing.assert_close(out, means, rtol=1e-6, atol=1e-6)
 
@@ -232,7 +232,7 @@ def test_attention_with_budget_equal_to_visible_keys_is_the_mean_of_values():
 def test_attention_gradcheck():
     q, k, v = (randn(1, 5, 1, 3, seed=i).requires_grad_() for i in (17, 18, 19))
     fn = lambda q, k, v: coor_descent_attention_reference(  # noqa: E731
-        q, k, v, sparsity_k=2, n_iters=5, eps=0.5, eps_init=1.0, eps_decay=0.8, causal=True)
+        q, k, v, topk=2, n_iters=5, eps=0.5, eps_init=1.0, eps_decay=0.8, causal=True)
     assert torch.autograd.gradcheck(fn, (q, k, v))
 
 
@@ -240,19 +240,19 @@ def test_attention_gradcheck():
 
 def test_method_registered_and_config_errors():
     assert "coor_descent" in attention.methods()
-    cfg = attention.make_config("coor_descent", sparsity_k=8)
-    with pytest.raises(ConfigError, match="coor_descent.sparsity_k: got 80"):
-        Encoder(attention.make_config("coor_descent", sparsity_k=80), dim=16, depth=1, max_len=63)
+    cfg = attention.make_config("coor_descent", k=8)
+    with pytest.raises(ConfigError, match="coor_descent.k: got 80"):
+        Encoder(attention.make_config("coor_descent", k=80), dim=16, depth=1, max_len=63)
     with pytest.raises(ConfigError, match="coor_descent.eps_decay"):
         attention.make_config("coor_descent", eps_decay=0.0)
-    with pytest.raises(ConfigError, match="unknown field"):
-        attention.make_config("coor_descent", k=3)
-    assert cfg.to_dict()["sparsity_k"] == 8
+    with pytest.raises(ConfigError, match="unknown field"):  # keys per query is `k`, as for topk and sea
+        attention.make_config("coor_descent", sparsity_k=3)
+    assert cfg.to_dict()["k"] == 8
 
 
 def test_mixer_causal_padding_and_aux():
     torch.manual_seed(0)
-    cfg = attention.make_config("coor_descent", sparsity_k=5, heads=2, n_iters=20, causal=True)
+    cfg = attention.make_config("coor_descent", k=5, heads=2, n_iters=20, causal=True)
     mixer = attention.build(cfg, 24).double()
     x = randn(2, 31, 24, seed=20)
     mask = torch.ones(2, 31, dtype=torch.bool)
@@ -271,7 +271,7 @@ def test_mixer_causal_padding_and_aux():
 
 def test_decoder_trains_one_step():
     torch.manual_seed(0)
-    model = DecoderLM(attention.make_config("coor_descent", sparsity_k=4, heads=2, n_iters=10), vocab=30,
+    model = DecoderLM(attention.make_config("coor_descent", k=4, heads=2, n_iters=10), vocab=30,
                       dim=16, depth=1, max_len=20)
     tokens = torch.randint(0, 30, (2, 20))
     loss = torch.nn.functional.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten())

@@ -94,12 +94,12 @@ def test_ops_dispatch_runs_the_kernel():
     y_kernel = coor_descent_triton(s, 3, 4, 0.3)
     assert torch.equal(y_op, y_kernel)
     q, k, v = (torch.randn(1, 9, 1, 12) for _ in range(3))
-    args = dict(sparsity_k=3, n_iters=3, eps=0.3, causal=True)
+    args = dict(topk=3, n_iters=3, eps=0.3, causal=True)
     assert torch.equal(coor_descent_attention(q, k, v, backend="triton", **args),
                        coor_descent_attention_triton(q, k, v, **args))
 
 
-def run_attention(b, t, s, h, d, sparsity_k, n_iters, eps, dtype, causal=False, key_mask=False, tiles=None,
+def run_attention(b, t, s, h, d, topk, n_iters, eps, dtype, causal=False, key_mask=False, tiles=None,
                   **kw):
     gen = torch.Generator().manual_seed(t * 100 + s)
     q, k, v = (torch.randn(b, n, h, d, generator=gen).to(dtype) for n in (t, s, s))
@@ -107,7 +107,7 @@ def run_attention(b, t, s, h, d, sparsity_k, n_iters, eps, dtype, causal=False, 
     if key_mask:
         km = torch.rand(b, s, generator=gen) > 0.3
         km[0] = False  # every query of batch 0 sees no key: zeros
-    args = dict(sparsity_k=sparsity_k, n_iters=n_iters, eps=eps, causal=causal, key_mask=km, **kw)
+    args = dict(topk=topk, n_iters=n_iters, eps=eps, causal=causal, key_mask=km, **kw)
     ref_in = [x.double().requires_grad_() for x in (q, k, v)]
     out_ref = coor_descent_attention_reference(*ref_in, **args)
     grad = torch.randn(out_ref.shape, generator=gen, dtype=torch.float64)
@@ -121,15 +121,15 @@ def run_attention(b, t, s, h, d, sparsity_k, n_iters, eps, dtype, causal=False, 
 
 
 ATTENTION_CASES = {
-    "plain": dict(b=1, t=21, s=21, h=2, d=60, sparsity_k=5, n_iters=4, eps=0.3),
-    "causal, fewer queries than keys": dict(b=2, t=21, s=33, h=1, d=12, sparsity_k=5, n_iters=4, eps=0.3,
+    "plain": dict(b=1, t=21, s=21, h=2, d=60, topk=5, n_iters=4, eps=0.3),
+    "causal, fewer queries than keys": dict(b=2, t=21, s=33, h=1, d=12, topk=5, n_iters=4, eps=0.3,
                                             causal=True),
-    "causal, key mask, rows with no key": dict(b=2, t=33, s=21, h=1, d=12, sparsity_k=5, n_iters=4, eps=0.3,
+    "causal, key mask, rows with no key": dict(b=2, t=33, s=21, h=1, d=12, topk=5, n_iters=4, eps=0.3,
                                                causal=True, key_mask=True),
-    "unmasked full tiles": dict(b=1, t=40, s=48, h=2, d=16, sparsity_k=5, n_iters=4, eps=0.3, causal=True),
-    "eps decay to the floor": dict(b=1, t=50, s=64, h=1, d=16, sparsity_k=7, n_iters=8, eps=0.2, eps_init=1.0,
+    "unmasked full tiles": dict(b=1, t=40, s=48, h=2, d=16, topk=5, n_iters=4, eps=0.3, causal=True),
+    "eps decay to the floor": dict(b=1, t=50, s=64, h=1, d=16, topk=7, n_iters=8, eps=0.2, eps_init=1.0,
                                    eps_decay=0.5, causal=True),
-    "backward without the factored sum": dict(b=1, t=23, s=32, h=1, d=16, sparsity_k=5, n_iters=5, eps=0.2,
+    "backward without the factored sum": dict(b=1, t=23, s=32, h=1, d=16, topk=5, n_iters=5, eps=0.2,
                                               key_mask=True, tiles={"exp_limit": -1e30}),
 }
 
@@ -159,10 +159,10 @@ def test_attention_query_without_keys_is_zero():
 def test_attention_rejects_bad_arguments():
     q = torch.randn(1, 5, 1, 8)
     with pytest.raises(ValueError, match="scale"):
-        coor_descent_attention_triton(q, q, q, sparsity_k=2, n_iters=2, eps=0.1, scale=-1.0)
+        coor_descent_attention_triton(q, q, q, topk=2, n_iters=2, eps=0.1, scale=-1.0)
     with pytest.raises(TypeError, match="dtypes"):
-        coor_descent_attention_triton(q, q.half(), q, sparsity_k=2, n_iters=2, eps=0.1)
+        coor_descent_attention_triton(q, q.half(), q, topk=2, n_iters=2, eps=0.1)
     with pytest.raises(ValueError, match="key_mask"):
-        coor_descent_attention_triton(q, q, q, sparsity_k=2, n_iters=2, eps=0.1,
+        coor_descent_attention_triton(q, q, q, topk=2, n_iters=2, eps=0.1,
                                       key_mask=torch.ones(1, 4, dtype=torch.bool))
     assert kernel_attention.attention_config(torch.float32, 60, True)["BLOCK_D"] == 64

@@ -72,7 +72,7 @@ def test_meta_validation_skips_random_fills_without_importing_dynamo():
 
 @pytest.mark.parametrize("method, knobs, seq_len, field", [
     ("topk", {"k": 128}, 128, "topk.k"),
-    ("coor_descent", {"sparsity_k": 128}, 128, "coor_descent.sparsity_k"),
+    ("coor_descent", {"k": 128}, 128, "coor_descent.k"),
     ("sea", {"k": 128, "predictor_length": 64}, 128, "sea.k"),
     ("local", {"window_size": 64, "look_backward": 1}, 128, "local.window_size"),
     # kv comes from the strict past of each window: at most 64 tokens here
@@ -91,7 +91,7 @@ def test_a_knob_that_cannot_act_fails_a_sweep_but_not_the_library(method, knobs,
     cfg.check_seq_len(seq_len)  # the library allows it (k = T is plain softmax: a useful check)
     with rejecting_inert_knobs(), pytest.raises(ConfigError, match=rf"{field}: .*so the knob does not act"):
         cfg.check_seq_len(seq_len)
-    smaller = {k: (v // 2 if k in ("k", "sparsity_k", "num_routed_kv", "window_routed_q", "window_size") else v)
+    smaller = {k: (v // 2 if k in ("k", "num_routed_kv", "window_routed_q", "window_size") else v)
                for k, v in knobs.items()}
     if method == "colt5" and knobs["heavy_window"] == 128:
         smaller["heavy_window"] = 64
